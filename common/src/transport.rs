@@ -1,0 +1,345 @@
+//! The only module that touches sockets: QUIC endpoints (quinn) with TLS 1.3 and mutual
+//! certificates from the deployment CA (rustls, ring provider), plus one-frame-per-
+//! stream request/answer helpers.
+//!
+//! Every connection starts with a [`Message::Hello`] exchange on its first stream; the
+//! role a peer claims there must match the role its certificate proves (the DNS name
+//! `<role>.boomerang`, see [`crate::pki`]), and a server refuses roles it does not
+//! serve. After that each request travels on its own bidirectional stream, so many
+//! batches are in flight on one connection.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, EndpointConfig, RecvStream, SendStream, VarInt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer, ServerName};
+use thiserror::Error;
+use tracing::warn;
+
+use crate::config::TlsPaths;
+use crate::message::{ErrorCode, Message, Role};
+use crate::pki::role_dns_name;
+use crate::wire::{HEADER_LEN, MAX_BODY};
+
+/// ALPN protocol id.
+pub const ALPN: &[u8] = b"boomerang/1";
+/// UDP socket buffer size: with the 208 KiB default quinn drops thousands of packets
+/// per GiB on loopback; 4 MiB drops none (kernels clamp to `rmem_max`).
+pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+/// Application close code: peer refused (role or hello).
+pub const CLOSE_REFUSED: u32 = 1;
+/// Application close code: malformed frame.
+pub const CLOSE_PROTOCOL: u32 = 2;
+/// Application close code: orderly shutdown.
+pub const CLOSE_SHUTDOWN: u32 = 0;
+
+/// Transport failures, each naming what failed.
+#[derive(Debug, Error)]
+pub enum TransportError {
+    /// TLS material could not be loaded.
+    #[error("TLS material {path}: {reason}")]
+    Tls {
+        /// File.
+        path: String,
+        /// Problem.
+        reason: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Connecting failed (unreachable, handshake refused, ...).
+    #[error("connect to {addr}: {reason}")]
+    Connect {
+        /// Address.
+        addr: SocketAddr,
+        /// What happened.
+        reason: String,
+    },
+    /// The connection broke.
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// A stream failed mid-way.
+    #[error("stream failed: {0}")]
+    Stream(String),
+    /// The peer sent a malformed frame.
+    #[error("malformed frame from peer: {0}")]
+    Protocol(String),
+    /// The peer is not who it must be.
+    #[error("peer refused: {0}")]
+    Refused(String),
+}
+
+fn tls_err(path: &Path, reason: impl ToString) -> TransportError {
+    TransportError::Tls {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+struct Material {
+    roots: Arc<rustls::RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn load(tls: &TlsPaths) -> Result<Material, TransportError> {
+    tls.validate().map_err(TransportError::Config)?;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca: Vec<_> = CertificateDer::pem_file_iter(&tls.ca)
+        .map_err(|e| tls_err(&tls.ca, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| tls_err(&tls.ca, e))?;
+    if ca.is_empty() {
+        return Err(tls_err(&tls.ca, "no certificate in file"));
+    }
+    for c in ca {
+        roots.add(c).map_err(|e| tls_err(&tls.ca, e))?;
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(&tls.cert)
+        .map_err(|e| tls_err(&tls.cert, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| tls_err(&tls.cert, e))?;
+    if chain.is_empty() {
+        return Err(tls_err(&tls.cert, "no certificate in file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| tls_err(&tls.key, e))?;
+    Ok(Material {
+        roots: Arc::new(roots),
+        chain,
+        key,
+    })
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(256));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.stream_receive_window(VarInt::from_u32(8 << 20));
+    t.receive_window(VarInt::from_u32(32 << 20));
+    t.send_window(32 << 20);
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
+    Arc::new(t)
+}
+
+fn bind_socket(addr: SocketAddr) -> Result<UdpSocket, TransportError> {
+    let sock = UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    let size = libc::c_int::try_from(SOCKET_BUFFER).unwrap_or(libc::c_int::MAX);
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: the fd is a valid open socket owned by `sock`; the option value
+        // points at a c_int that outlives the call, with its exact size.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                std::ptr::from_ref(&size).cast(),
+                libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+            )
+        };
+        if rc != 0 {
+            warn!(error = %std::io::Error::last_os_error(), "could not enlarge the UDP socket buffer; expect packet loss under load");
+        }
+    }
+    Ok(sock)
+}
+
+fn endpoint(sock: UdpSocket, server: Option<quinn::ServerConfig>) -> Result<Endpoint, TransportError> {
+    let addr = sock.local_addr().map_err(|source| TransportError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| TransportError::Config("no async runtime for QUIC".into()))?;
+    Endpoint::new(EndpointConfig::default(), server, sock, runtime)
+        .map_err(|source| TransportError::Bind { addr, source })
+}
+
+fn client_config(m: &Material) -> Result<quinn::ClientConfig, TransportError> {
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Config(e.to_string()))?
+        .with_root_certificates(m.roots.clone())
+        .with_client_auth_cert(m.chain.clone(), m.key.clone_key())
+        .map_err(|e| TransportError::Config(e.to_string()))?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(crypto).map_err(|e| TransportError::Config(e.to_string()))?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(quic));
+    cc.transport_config(transport_config());
+    Ok(cc)
+}
+
+/// A QUIC server endpoint bound to `addr` that demands a client certificate from the
+/// deployment CA. It can also dial out (a process server dials its master target).
+pub fn server_endpoint(addr: SocketAddr, tls: &TlsPaths) -> Result<Endpoint, TransportError> {
+    let m = load(tls)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider())
+        .build()
+        .map_err(|e| TransportError::Config(e.to_string()))?;
+    let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.chain.clone(), m.key.clone_key())
+        .map_err(|e| TransportError::Config(e.to_string()))?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicServerConfig::try_from(crypto).map_err(|e| TransportError::Config(e.to_string()))?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    sc.transport_config(transport_config());
+    let mut ep = endpoint(bind_socket(addr)?, Some(sc))?;
+    ep.set_default_client_config(client_config(&m)?);
+    Ok(ep)
+}
+
+/// A client-only QUIC endpoint on an ephemeral port.
+pub fn client_endpoint(tls: &TlsPaths) -> Result<Endpoint, TransportError> {
+    let m = load(tls)?;
+    let mut ep = endpoint(bind_socket(SocketAddr::from(([0, 0, 0, 0], 0)))?, None)?;
+    ep.set_default_client_config(client_config(&m)?);
+    Ok(ep)
+}
+
+/// The role the peer's certificate proves, if any.
+pub fn peer_role(conn: &Connection) -> Option<Role> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let leaf = certs.first()?;
+    let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
+    Role::ALL.into_iter().find(|role| {
+        DnsName::try_from(role_dns_name(*role))
+            .ok()
+            .map(|dns| cert.verify_is_valid_for_subject_name(&ServerName::DnsName(dns)).is_ok())
+            .unwrap_or(false)
+    })
+}
+
+/// Dials `addr`, which must prove `expected` in its certificate, then exchanges hellos.
+pub async fn connect(
+    ep: &Endpoint,
+    addr: SocketAddr,
+    expected: Role,
+    my_hello: &Message,
+) -> Result<Connection, TransportError> {
+    let server_name = role_dns_name(expected);
+    let connecting = ep.connect(addr, &server_name).map_err(|e| TransportError::Connect {
+        addr,
+        reason: e.to_string(),
+    })?;
+    let conn = connecting.await.map_err(|e| TransportError::Connect {
+        addr,
+        reason: e.to_string(),
+    })?;
+    match request(&conn, my_hello).await? {
+        Message::Hello { role, .. } if role == expected => Ok(conn),
+        Message::Hello { role, .. } => Err(TransportError::Refused(format!(
+            "{addr} says it is a {role}, expected a {expected}"
+        ))),
+        Message::Error { reason, .. } => Err(TransportError::Refused(format!("{addr}: {reason}"))),
+        other => Err(TransportError::Protocol(format!("expected hello, got {}", other.name()))),
+    }
+}
+
+/// Server side of the handshake: checks the certificate's role is one of `allowed`
+/// and matches the hello, answers with `my_hello`. On refusal the connection is closed
+/// with a reason and the error says why (the caller logs it once).
+pub async fn accept_hello(
+    conn: &Connection,
+    allowed: &[Role],
+    my_hello: &Message,
+) -> Result<(Role, String), TransportError> {
+    let refuse = |why: String| {
+        conn.close(VarInt::from_u32(CLOSE_REFUSED), why.as_bytes());
+        TransportError::Refused(why)
+    };
+    let Some(role) = peer_role(conn) else {
+        return Err(refuse("certificate names no Boomerang role".into()));
+    };
+    if !allowed.contains(&role) {
+        return Err(refuse(format!("role {role} may not connect here (allowed: {allowed:?})")));
+    }
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let hello = read_message(&mut recv).await?;
+    match hello {
+        Message::Hello { role: claimed, name, .. } if claimed == role => {
+            write_message(&mut send, my_hello).await?;
+            Ok((role, name))
+        }
+        Message::Hello { role: claimed, .. } => {
+            let _ = write_message(&mut send, &Message::error(ErrorCode::BadRequest, "role mismatch")).await;
+            Err(refuse(format!("hello claims role {claimed}, certificate says {role}")))
+        }
+        other => Err(refuse(format!("first message was {}, expected hello", other.name()))),
+    }
+}
+
+/// Reads one whole frame (the rest of the stream) and decodes it.
+pub async fn read_message(recv: &mut RecvStream) -> Result<Message, TransportError> {
+    let buf = recv
+        .read_to_end(HEADER_LEN + MAX_BODY)
+        .await
+        .map_err(|e| TransportError::Stream(e.to_string()))?;
+    decode(Bytes::from(buf)).map(|(m, _)| m)
+}
+
+/// Reads one whole frame and returns the message together with the exact bytes it
+/// came in (a process server spools and forwards those bytes untouched).
+pub async fn read_message_raw(recv: &mut RecvStream) -> Result<(Message, Bytes), TransportError> {
+    let buf = recv
+        .read_to_end(HEADER_LEN + MAX_BODY)
+        .await
+        .map_err(|e| TransportError::Stream(e.to_string()))?;
+    decode(Bytes::from(buf))
+}
+
+fn decode(buf: Bytes) -> Result<(Message, Bytes), TransportError> {
+    let msg = Message::decode_exact(&buf).map_err(|e| TransportError::Protocol(e.to_string()))?;
+    Ok((msg, buf))
+}
+
+/// Writes one frame and finishes the stream.
+pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<(), TransportError> {
+    write_frame(send, msg.encode()).await
+}
+
+/// Writes already-encoded frame bytes and finishes the stream.
+pub async fn write_frame(send: &mut SendStream, frame: Bytes) -> Result<(), TransportError> {
+    send.write_chunk(frame)
+        .await
+        .map_err(|e| TransportError::Stream(e.to_string()))?;
+    send.finish().map_err(|e| TransportError::Stream(e.to_string()))
+}
+
+/// Sends `msg` on a new stream and waits for the one-frame answer.
+pub async fn request(conn: &Connection, msg: &Message) -> Result<Message, TransportError> {
+    request_frame(conn, msg.encode()).await
+}
+
+/// Sends pre-encoded frame bytes on a new stream and waits for the one-frame answer.
+pub async fn request_frame(conn: &Connection, frame: Bytes) -> Result<Message, TransportError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, frame).await?;
+    read_message(&mut recv).await
+}
+
+/// Closes `conn` because the peer sent something malformed, with the reason on the wire.
+pub fn close_protocol_error(conn: &Connection, reason: &str) {
+    conn.close(VarInt::from_u32(CLOSE_PROTOCOL), reason.as_bytes());
+}
