@@ -56,3 +56,72 @@ pub fn now_ms() -> u64 {
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
+
+/// Command-line flags every daemon shares for its TLS identity: either the three
+/// files, or a PKI directory plus this instance's name (the layout `pki issue` writes).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// Directory with ca.pem, <name>.pem and <name>.key (as `boomerang-mt pki issue` writes).
+    #[arg(long, value_name = "DIR")]
+    pub pki_dir: Option<PathBuf>,
+    /// This instance's name: picks <name>.pem / <name>.key in --pki-dir.
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+impl TlsArgs {
+    /// Applies the flags over the config file's TLS paths.
+    pub fn apply(&self, tls: &mut TlsPaths, name: &mut String) {
+        if let Some(n) = &self.name {
+            name.clone_from(n);
+        }
+        if let Some(dir) = &self.pki_dir {
+            *tls = TlsPaths::in_dir(dir, name);
+        }
+    }
+}
+
+/// Sets up logging to stderr; `RUST_LOG` overrides `default_level`.
+pub fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Parses `ID=PATH` pairs given on the command line.
+pub fn parse_id_path(s: &str) -> Result<(String, PathBuf), String> {
+    let (id, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} must be ID=PATH"))?;
+    crate::delta::validate_disk_id(id)?;
+    if path.is_empty() {
+        return Err(format!("{s:?} has an empty path"));
+    }
+    Ok((id.to_string(), PathBuf::from(path)))
+}
+
+/// A shutdown signal: flips to `true` once.
+pub type Shutdown = tokio::sync::watch::Receiver<bool>;
+
+/// A shutdown signal that flips on SIGINT or SIGTERM. Must be called inside a tokio
+/// runtime.
+pub fn shutdown_on_signals() -> Shutdown {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}

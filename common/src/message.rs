@@ -147,7 +147,14 @@ pub struct DiskState {
     pub generation: u64,
     /// Next seq the master target expects in that generation.
     pub next_seq: u64,
+    /// Seqs of the current generation the process server holds no longer because the
+    /// master target refused them (failed integrity check): the agent must send them
+    /// again. At most [`MAX_RESEND`].
+    pub resend: Vec<u64>,
 }
+
+/// Most seqs one [`DiskState`] asks to be sent again.
+pub const MAX_RESEND: usize = 4096;
 
 /// A message between roles.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,6 +310,11 @@ impl Message {
                 w.u64(s.size);
                 w.u64(s.generation);
                 w.u64(s.next_seq);
+                let n = s.resend.len().min(MAX_RESEND);
+                w.u32(u32::try_from(n).expect("capped"));
+                for seq in &s.resend[..n] {
+                    w.u64(*seq);
+                }
             }
             Message::Batch(b) => b.encode(&mut w),
             Message::Tag(t) => {
@@ -393,12 +405,24 @@ impl Message {
                 size: r.u64("size")?,
                 group: r.str("group")?,
             },
-            3 => Message::DiskState(DiskState {
-                disk: decode_disk_id(&mut r)?,
-                size: r.u64("size")?,
-                generation: r.u64("generation")?,
-                next_seq: r.u64("next seq")?,
-            }),
+            3 => {
+                let disk = decode_disk_id(&mut r)?;
+                let size = r.u64("size")?;
+                let generation = r.u64("generation")?;
+                let next_seq = r.u64("next seq")?;
+                let n = r.count(MAX_RESEND, 8, "resend seqs")?;
+                let mut resend = Vec::with_capacity(n);
+                for _ in 0..n {
+                    resend.push(r.u64("resend seq")?);
+                }
+                Message::DiskState(DiskState {
+                    disk,
+                    size,
+                    generation,
+                    next_seq,
+                    resend,
+                })
+            }
             4 => Message::Batch(Batch::decode(&mut r)?),
             5 => Message::Tag(Tag {
                 disk: decode_disk_id(&mut r)?,
@@ -520,12 +544,13 @@ mod tests {
             }),
             (disk_id(), any::<u64>(), "[ -~]{0,20}")
                 .prop_map(|(disk, size, group)| Message::OpenDisk { disk, size, group }),
-            (disk_id(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
-                |(disk, size, generation, next_seq)| Message::DiskState(DiskState {
+            (disk_id(), any::<u64>(), any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u64>(), 0..5)).prop_map(
+                |(disk, size, generation, next_seq, resend)| Message::DiskState(DiskState {
                     disk,
                     size,
                     generation,
-                    next_seq
+                    next_seq,
+                    resend
                 })
             ),
             (

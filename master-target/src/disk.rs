@@ -1,0 +1,440 @@
+//! One replicated disk at the master target: the ordered, idempotent apply path and
+//! its durable record.
+//!
+//! Records (batches and tags) of a disk are applied strictly in `(generation, seq)`
+//! order, whatever order their streams arrive in: a record waits for its predecessor.
+//! A record already applied is acknowledged again once durable and changes nothing
+//! (rule 2); a record of an older generation is obsolete and acknowledged without
+//! being applied; a newer generation starts at seq 0 and makes the replica
+//! inconsistent until its first tag.
+//!
+//! Durability (rule 1): apply writes the replica without syncing; a flusher task per
+//! disk snapshots the record, fdatasyncs the replica, then stores the record (one more
+//! fdatasync), and only then advances `durable`. Every waiting ack covered by that
+//! flush is released at once (group commit). Rule 3: extents are verified
+//! (decompressed and hashed) before the record waits for its turn, so a corrupt
+//! batch never touches the replica.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use boomerang_common::delta::ExtentError;
+use boomerang_common::durable::StateFile;
+use boomerang_common::message::{Tag, TagKind};
+use boomerang_common::{Batch, ChunkHash, Codec};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+use tracing::{error, info, warn};
+
+use crate::replica::Replica;
+
+/// A position in a disk's stream: the next seq expected in a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Position {
+    /// Generation.
+    pub generation: u64,
+    /// Next seq expected.
+    pub next_seq: u64,
+}
+
+/// The cut a consistent replica holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cut {
+    /// Tag kind.
+    pub kind: TagKind,
+    /// Point id.
+    pub point_id: u64,
+    /// Wall time of the cut (ms since epoch).
+    pub time_ms: u64,
+    /// Generation of the tag.
+    pub generation: u64,
+    /// Seq of the tag.
+    pub seq: u64,
+}
+
+/// What the master target remembers durably about a disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    /// Disk id.
+    pub disk: String,
+    /// Group.
+    pub group: String,
+    /// Replica size.
+    pub size: u64,
+    /// Replica path.
+    pub replica: std::path::PathBuf,
+    /// Applied and durable position.
+    pub position: Position,
+    /// Raw bytes applied over the disk's life.
+    pub bytes_applied: u64,
+    /// The cut the replica is consistent at, when it is.
+    pub cut: Option<Cut>,
+    /// Batches refused because an extent failed its hash.
+    pub integrity_failures: u64,
+    /// When the last record was applied (ms since epoch).
+    pub last_apply_ms: u64,
+}
+
+/// A batch whose extents passed verification, ready to write.
+#[derive(Debug)]
+pub struct VerifiedBatch {
+    /// Raw bytes of the batch's data extents, back to back.
+    data: Vec<u8>,
+    /// Writes in order: offset, and either a range of `data` or a run of zeros.
+    runs: Vec<(u64, Run)>,
+    raw_len: u64,
+}
+
+#[derive(Debug)]
+enum Run {
+    Data(std::ops::Range<usize>),
+    Zeros(u64),
+}
+
+/// Decompresses and checks every extent of `batch` (rule 3), coalescing adjacent
+/// extents into single large writes.
+pub fn verify_batch(batch: &Batch, replica_size: u64) -> Result<VerifiedBatch, ExtentError> {
+    let mut data = Vec::with_capacity(
+        batch
+            .extents
+            .iter()
+            .filter(|e| e.codec != Codec::Zero)
+            .map(|e| e.len as usize)
+            .sum(),
+    );
+    let mut runs: Vec<(u64, Run)> = Vec::with_capacity(batch.extents.len());
+    let mut scratch = Vec::new();
+    let mut zero_hashes: Vec<(u32, ChunkHash)> = Vec::new();
+    for e in &batch.extents {
+        if e.offset + u64::from(e.len) > replica_size {
+            return Err(ExtentError::Decompress {
+                offset: e.offset,
+                len: e.len,
+                reason: format!("extent ends past the replica's {replica_size} bytes"),
+            });
+        }
+        let raw = e.decode_verified(&mut scratch, |len| {
+            if let Some((_, h)) = zero_hashes.iter().find(|(l, _)| *l == len) {
+                return *h;
+            }
+            let h = ChunkHash::of_zeros(len as usize);
+            zero_hashes.push((len, h));
+            h
+        })?;
+        let end_of_last = runs.last().map(|(off, run)| match run {
+            Run::Data(r) => (*off + r.len() as u64, true),
+            Run::Zeros(n) => (*off + n, false),
+        });
+        match raw {
+            Some(raw) => {
+                let start = data.len();
+                data.extend_from_slice(raw);
+                match (runs.last_mut(), end_of_last) {
+                    (Some((_, Run::Data(r))), Some((end, true))) if end == e.offset => {
+                        r.end = data.len();
+                    }
+                    _ => runs.push((e.offset, Run::Data(start..data.len()))),
+                }
+            }
+            None => match (runs.last_mut(), end_of_last) {
+                (Some((_, Run::Zeros(n))), Some((end, false))) if end == e.offset => {
+                    *n += u64::from(e.len);
+                }
+                _ => runs.push((e.offset, Run::Zeros(u64::from(e.len)))),
+            },
+        }
+    }
+    Ok(VerifiedBatch {
+        data,
+        runs,
+        raw_len: batch.raw_len(),
+    })
+}
+
+/// What happened to a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied now and durable.
+    Applied,
+    /// Applied before (a resend); durable, nothing changed.
+    Duplicate,
+    /// From an older generation; ignored.
+    Obsolete,
+}
+
+/// Errors on the apply path.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The replica could not be written or synced.
+    #[error("replica {disk}: {what}: {source}")]
+    Io {
+        /// Disk.
+        disk: String,
+        /// Step.
+        what: &'static str,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The predecessor of a record did not arrive in time.
+    #[error("disk {disk}: waited {secs} s for seq {want} of generation {generation} before seq {seq}; the process server will resend")]
+    Gap {
+        /// Disk.
+        disk: String,
+        /// Generation.
+        generation: u64,
+        /// Seq waited for.
+        want: u64,
+        /// Seq that waited.
+        seq: u64,
+        /// Seconds waited.
+        secs: u64,
+    },
+    /// The disk's flusher failed; no more acks until restart.
+    #[error("disk {0}: the last flush failed; see the log, fix the storage and restart")]
+    FlushFailed(String),
+}
+
+/// One disk's live state.
+#[derive(Debug)]
+pub struct Disk {
+    id: String,
+    replica: Arc<dyn Replica>,
+    record: Mutex<DiskRecord>,
+    state: Arc<Mutex<StateFile<DiskRecord>>>,
+    apply_lock: tokio::sync::Mutex<()>,
+    applied: watch::Sender<Position>,
+    durable: watch::Sender<Position>,
+    dirty: AtomicBool,
+    flush_kick: Notify,
+    flush_failed: AtomicBool,
+}
+
+/// How long a record waits for its predecessor before it is refused.
+const GAP_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Disk {
+    /// Wraps a disk whose record was loaded from `state`; starts its flusher.
+    pub fn start(replica: Arc<dyn Replica>, state: StateFile<DiskRecord>) -> Arc<Self> {
+        let record = state.get().clone();
+        let position = record.position;
+        let disk = Arc::new(Disk {
+            id: record.disk.clone(),
+            replica,
+            record: Mutex::new(record),
+            state: Arc::new(Mutex::new(state)),
+            apply_lock: tokio::sync::Mutex::new(()),
+            applied: watch::Sender::new(position),
+            durable: watch::Sender::new(position),
+            dirty: AtomicBool::new(false),
+            flush_kick: Notify::new(),
+            flush_failed: AtomicBool::new(false),
+        });
+        tokio::spawn(flusher(disk.clone()));
+        disk
+    }
+
+    /// The disk id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The replica.
+    pub fn replica(&self) -> &Arc<dyn Replica> {
+        &self.replica
+    }
+
+    /// A copy of the in-memory record (may be ahead of the durable one).
+    pub fn record(&self) -> DiskRecord {
+        lock(&self.record).clone()
+    }
+
+    /// The durable position.
+    pub fn durable(&self) -> Position {
+        *self.durable.borrow()
+    }
+
+    /// Counts a refused batch and persists the count.
+    pub fn count_integrity_failure(&self) {
+        lock(&self.record).integrity_failures += 1;
+        self.dirty.store(true, Ordering::SeqCst);
+        self.flush_kick.notify_one();
+    }
+
+    /// Applies a verified batch in order; returns once it is durable.
+    pub async fn apply_batch(
+        &self,
+        generation: u64,
+        seq: u64,
+        batch: VerifiedBatch,
+    ) -> Result<Outcome, ApplyError> {
+        self.apply_in_order(generation, seq, |disk| disk.write_batch(&batch))
+            .await
+    }
+
+    /// Records a tag in order; returns once it is durable.
+    pub async fn apply_tag(&self, tag: &Tag) -> Result<Outcome, ApplyError> {
+        self.apply_in_order(tag.generation, tag.seq, |disk| {
+            let mut rec = lock(&disk.record);
+            rec.cut = Some(Cut {
+                kind: tag.kind,
+                point_id: tag.point_id,
+                time_ms: tag.time_ms,
+                generation: tag.generation,
+                seq: tag.seq,
+            });
+            if !tag.group.is_empty() {
+                rec.group.clone_from(&tag.group);
+            }
+            info!(disk = %disk.id, kind = ?tag.kind, point = tag.point_id, generation = tag.generation, seq = tag.seq, "replica consistent at tag");
+            Ok(())
+        })
+        .await
+    }
+
+    fn write_batch(&self, batch: &VerifiedBatch) -> Result<(), ApplyError> {
+        for (offset, run) in &batch.runs {
+            let r = match run {
+                Run::Data(range) => self.replica.write_at(*offset, &batch.data[range.clone()]),
+                Run::Zeros(len) => self.replica.write_zeros(*offset, *len),
+            };
+            r.map_err(|source| ApplyError::Io {
+                disk: self.id.clone(),
+                what: "write",
+                source,
+            })?;
+        }
+        lock(&self.record).bytes_applied += batch.raw_len;
+        Ok(())
+    }
+
+    async fn apply_in_order(
+        &self,
+        generation: u64,
+        seq: u64,
+        apply: impl FnOnce(&Self) -> Result<(), ApplyError>,
+    ) -> Result<Outcome, ApplyError> {
+        let mut rx = self.applied.subscribe();
+        let deadline = tokio::time::Instant::now() + GAP_TIMEOUT;
+        loop {
+            let cur = *rx.borrow_and_update();
+            if generation < cur.generation {
+                return Ok(Outcome::Obsolete);
+            }
+            if generation == cur.generation && seq < cur.next_seq {
+                self.wait_durable(Position {
+                    generation,
+                    next_seq: seq + 1,
+                })
+                .await?;
+                return Ok(Outcome::Duplicate);
+            }
+            let my_turn = (generation == cur.generation && seq == cur.next_seq)
+                || (generation > cur.generation && seq == 0);
+            if my_turn {
+                let _guard = self.apply_lock.lock().await;
+                if *self.applied.borrow() != cur {
+                    continue; // someone else moved first (a resend of the same record)
+                }
+                {
+                    let mut rec = lock(&self.record);
+                    if generation > rec.position.generation {
+                        info!(disk = %self.id, from = rec.position.generation, to = generation, "new generation: replica inconsistent until its first tag");
+                        rec.cut = None;
+                    }
+                }
+                apply(self)?;
+                let next = Position {
+                    generation,
+                    next_seq: seq + 1,
+                };
+                {
+                    let mut rec = lock(&self.record);
+                    rec.position = next;
+                    rec.last_apply_ms = boomerang_common::config::now_ms();
+                }
+                self.applied.send_replace(next);
+                self.dirty.store(true, Ordering::SeqCst);
+                self.flush_kick.notify_one();
+                drop(_guard);
+                self.wait_durable(next).await?;
+                return Ok(Outcome::Applied);
+            }
+            let want = if generation > cur.generation { 0 } else { cur.next_seq };
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    return Err(ApplyError::Gap {
+                        disk: self.id.clone(),
+                        generation,
+                        want,
+                        seq,
+                        secs: GAP_TIMEOUT.as_secs(),
+                    })
+                }
+            }
+        }
+    }
+
+    async fn wait_durable(&self, at_least: Position) -> Result<(), ApplyError> {
+        let mut rx = self.durable.subscribe();
+        loop {
+            if *rx.borrow_and_update() >= at_least {
+                return Ok(());
+            }
+            if self.flush_failed.load(Ordering::SeqCst) {
+                return Err(ApplyError::FlushFailed(self.id.clone()));
+            }
+            if rx.changed().await.is_err() {
+                return Err(ApplyError::FlushFailed(self.id.clone()));
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Group commit: whenever records were applied, snapshot the record, fdatasync the
+/// replica (so every write the snapshot counts is on disk), store the record
+/// (fdatasync of the state file), then release every ack up to the snapshot.
+async fn flusher(disk: Arc<Disk>) {
+    loop {
+        disk.flush_kick.notified().await;
+        while disk.dirty.swap(false, Ordering::SeqCst) {
+            // Snapshot under the apply lock so position and record agree.
+            let (target, record) = {
+                let _g = disk.apply_lock.lock().await;
+                (*disk.applied.borrow(), lock(&disk.record).clone())
+            };
+            let d = disk.clone();
+            let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
+                d.replica
+                    .flush()
+                    .map_err(|e| format!("fdatasync replica: {e}"))?;
+                lock(&d.state)
+                    .store(record)
+                    .map_err(|e| format!("store disk record: {e}"))
+            })
+            .await;
+            match result {
+                Ok(Ok(())) => {
+                    disk.durable.send_replace(target);
+                }
+                Ok(Err(e)) => {
+                    error!(disk = %disk.id, error = %e, "flush failed; no further acks for this disk");
+                    disk.flush_failed.store(true, Ordering::SeqCst);
+                    disk.durable.send_modify(|_| {});
+                    return;
+                }
+                Err(e) => {
+                    warn!(disk = %disk.id, error = %e, "flush task failed");
+                    disk.flush_failed.store(true, Ordering::SeqCst);
+                    disk.durable.send_modify(|_| {});
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The process server's agent side: accepts agents (and nobody else), spools their
+//! batches and tags durably before acknowledging, and relays their control requests
+//! to the master target.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use boomerang_common::config::Shutdown;
+use boomerang_common::message::{ErrorCode, Message, Role};
+use boomerang_common::transport::{self, TransportError};
+use quinn::Connection;
+use tracing::{debug, info, warn};
+
+use crate::config::PsConfig;
+use crate::forward::{forward_loop, MasterLink};
+use crate::spool::Spool;
+
+/// Runs the process server until `shutdown` flips. Prints `listening on ADDR` on
+/// stdout once ready.
+pub async fn run(config: PsConfig, mut shutdown: Shutdown) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg).context("invalid configuration")?;
+    let spool = Spool::open(&config.spool_dir, config.spool_max_mib << 20)
+        .with_context(|| format!("opening the spool in {}", config.spool_dir.display()))?;
+    let endpoint = transport::server_endpoint(config.listen, &config.tls)
+        .with_context(|| format!("starting QUIC on {}", config.listen))?;
+    let addr = endpoint.local_addr().context("reading the bound address")?;
+    let hello = Message::Hello {
+        role: Role::Ps,
+        name: config.name.clone(),
+        software: env!("CARGO_PKG_VERSION").into(),
+    };
+    let link = MasterLink::new(endpoint.clone(), config.master_target, hello.clone());
+    let forwarder = tokio::spawn(forward_loop(
+        spool.clone(),
+        link.clone(),
+        config.forward_window,
+        shutdown.clone(),
+    ));
+    println!("listening on {addr}");
+    info!(%addr, master_target = %config.master_target, "process server ready");
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let (spool, link, hello) = (spool.clone(), link.clone(), hello.clone());
+                tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    let conn = match incoming.await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            warn!(%remote, error = %e, "refused connection: TLS handshake failed (certificate not from this deployment's CA?)");
+                            return;
+                        }
+                    };
+                    match transport::accept_hello(&conn, &[Role::Agent], &hello).await {
+                        Ok((_, name)) => {
+                            info!(%remote, agent = %name, "agent connected");
+                            serve(conn, spool, link).await;
+                        }
+                        Err(e) => warn!(%remote, error = %e, "refused connection"),
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    info!("shutting down");
+    forwarder.abort();
+    endpoint.close(transport::CLOSE_SHUTDOWN.into(), b"process server shutting down");
+    endpoint.wait_idle().await;
+    Ok(())
+}
+
+async fn serve(conn: Connection, spool: Arc<Spool>, link: Arc<MasterLink>) {
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                info!(remote = %conn.remote_address(), reason = %e, "agent disconnected");
+                return;
+            }
+        };
+        let (spool, link, conn) = (spool.clone(), link.clone(), conn.clone());
+        tokio::spawn(async move {
+            let (msg, frame) = match transport::read_message_raw(&mut recv).await {
+                Ok(m) => m,
+                Err(TransportError::Protocol(reason)) => {
+                    warn!(remote = %conn.remote_address(), %reason, "malformed frame from agent: closing the connection");
+                    transport::close_protocol_error(&conn, &reason);
+                    return;
+                }
+                Err(e) => {
+                    debug!(error = %e, "stream ended early");
+                    return;
+                }
+            };
+            let answer = handle(&spool, &link, msg, frame).await;
+            if let Err(e) = transport::write_message(&mut send, &answer).await {
+                debug!(error = %e, "could not answer the agent");
+            }
+        });
+    }
+}
+
+async fn handle(spool: &Spool, link: &MasterLink, msg: Message, frame: bytes::Bytes) -> Message {
+    match &msg {
+        Message::Batch(_) | Message::Tag(_) => {
+            let (disk, generation, seq) = match &msg {
+                Message::Batch(b) => (b.disk.clone(), b.generation, b.seq),
+                Message::Tag(t) => (t.disk.clone(), t.generation, t.seq),
+                _ => unreachable!("matched above"),
+            };
+            match spool.append(&msg, frame).await {
+                Ok(()) => Message::DurableAck {
+                    disk,
+                    generation,
+                    seq,
+                },
+                Err(e) => {
+                    warn!(%disk, seq, error = %e, "could not spool");
+                    Message::error(ErrorCode::Busy, e.to_string())
+                }
+            }
+        }
+        Message::OpenDisk { .. } => match link.relay(&msg).await {
+            Message::DiskState(mut state) => {
+                state.resend = spool.rejected(&state.disk, state.generation);
+                Message::DiskState(state)
+            }
+            other => other,
+        },
+        Message::ManifestRequest { .. } => link.relay(&msg).await,
+        other => Message::error(
+            ErrorCode::BadRequest,
+            format!("a process server does not take {} messages from agents", other.name()),
+        ),
+    }
+}

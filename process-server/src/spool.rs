@@ -1,0 +1,590 @@
+//! The process server's durable spool: every batch and tag an agent sends is appended,
+//! as the exact frame bytes it arrived in, to a segment file and fdatasynced before it
+//! is acknowledged (rule 1); it is deleted only after the master target's durable ack.
+//!
+//! Segment file layout:
+//! ```text
+//!  header: magic "BMSP" | version u16 | 0 u16 | segment id u64 | crc32 u32 (of the 16 bytes before)
+//!  records: whole Boomerang frames (each with its own magic, length and crc32)
+//! ```
+//! Appends go through one writer thread that writes everything queued, fdatasyncs
+//! once and then acknowledges all of it (group commit). After a crash the segments
+//! are replayed in order; a torn or corrupt tail is cut off, never forwarded.
+//!
+//! Backpressure (rule 7): spool space is a semaphore of 4 KiB units sized by
+//! `spool_max_bytes`; an append waits for space, so a full spool stops acknowledging
+//! agents, whose bounded in-flight windows then stop them. Space returns when the
+//! master target acknowledges.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use boomerang_common::durable::{create_dir_durable, fsync_dir};
+use boomerang_common::message::Message;
+use boomerang_common::wire::{FrameHeader, HEADER_LEN};
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tracing::{info, warn};
+
+const SEGMENT_MAGIC: [u8; 4] = *b"BMSP";
+const SEGMENT_VERSION: u16 = 1;
+const SEGMENT_HEADER: u64 = 20;
+/// A segment is closed once it passes this size.
+pub const SEGMENT_TARGET: u64 = 64 << 20;
+/// Unit of spool space accounting.
+const UNIT: u64 = 4096;
+
+/// A record's identity: `(disk, generation, seq)`.
+pub type Key = (String, u64, u64);
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    segment: u64,
+    offset: u64,
+    len: u32,
+    units: u32,
+}
+
+#[derive(Debug)]
+struct Segment {
+    file: Arc<File>,
+    path: PathBuf,
+    live: usize,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    entries: BTreeMap<Key, Entry>,
+    segments: BTreeMap<u64, Segment>,
+    active: u64,
+    /// Records the master target refused (integrity); the agent must resend them.
+    rejected: HashMap<String, BTreeSet<(u64, u64)>>,
+}
+
+struct Append {
+    key: Key,
+    frame: Bytes,
+    units: u32,
+    done: oneshot::Sender<io::Result<()>>,
+}
+
+/// The spool.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    index: Mutex<Index>,
+    space: Arc<Semaphore>,
+    total_units: u64,
+    appends: mpsc::Sender<Append>,
+    /// Woken whenever a record becomes available to forward.
+    pub appended: Notify,
+}
+
+impl std::fmt::Debug for Append {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Append({:?})", self.key)
+    }
+}
+
+/// Why an append failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// Storage failed.
+    #[error("spool {path}: {what}: {source}")]
+    Io {
+        /// Step.
+        what: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// OS error.
+        source: io::Error,
+    },
+    /// The record is larger than the whole spool.
+    #[error("a record of {0} bytes does not fit the spool at all; raise spool_max_mib")]
+    TooLarge(usize),
+    /// The writer thread stopped.
+    #[error("the spool writer stopped; see the log")]
+    WriterGone,
+}
+
+fn key_of(msg: &Message) -> Option<Key> {
+    match msg {
+        Message::Batch(b) => Some((b.disk.clone(), b.generation, b.seq)),
+        Message::Tag(t) => Some((t.disk.clone(), t.generation, t.seq)),
+        _ => None,
+    }
+}
+
+impl Spool {
+    /// Opens (and replays) the spool in `dir`, capped at `max_bytes`.
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<Arc<Self>, SpoolError> {
+        create_dir_durable(dir).map_err(|e| SpoolError::Io {
+            what: "create",
+            path: dir.to_path_buf(),
+            source: io::Error::other(e),
+        })?;
+        let mut index = Index::default();
+        let mut used_units = 0u64;
+        let mut ids: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+            .map_err(|source| SpoolError::Io {
+                what: "list",
+                path: dir.to_path_buf(),
+                source,
+            })?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let id = name.strip_prefix("seg-")?.strip_suffix(".spool")?;
+                u64::from_str_radix(id, 16).ok().map(|id| (id, e.path()))
+            })
+            .collect();
+        ids.sort();
+        for (id, path) in &ids {
+            let replayed = replay_segment(*id, path, &mut index)?;
+            used_units += replayed;
+        }
+        let active = ids.last().map_or(1, |(id, _)| id + 1);
+        let active_path = segment_path(dir, active);
+        let file = create_segment(&active_path, active)?;
+        index.segments.insert(
+            active,
+            Segment {
+                file: Arc::new(file),
+                path: active_path,
+                live: 0,
+            },
+        );
+        index.active = active;
+        // Drop replayed segments that hold nothing live.
+        let empty: Vec<u64> = index
+            .segments
+            .iter()
+            .filter(|(id, s)| s.live == 0 && **id != active)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in empty {
+            if let Some(s) = index.segments.remove(&id) {
+                let _ = std::fs::remove_file(&s.path);
+            }
+        }
+        let records = index.entries.len();
+        let total_units = (max_bytes / UNIT).max(1);
+        let free = total_units.saturating_sub(used_units);
+        if records > 0 {
+            info!(records, bytes = used_units * UNIT, "spool replayed: forwarding what the master target has not acknowledged");
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let spool = Arc::new(Spool {
+            dir: dir.to_path_buf(),
+            index: Mutex::new(index),
+            space: Arc::new(Semaphore::new(usize::try_from(free).unwrap_or(usize::MAX >> 4))),
+            total_units,
+            appends: tx,
+            appended: Notify::new(),
+        });
+        let writer = spool.clone();
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.write_loop(rx))
+            .map_err(|source| SpoolError::Io {
+                what: "start writer thread",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(spool)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends a batch or tag frame durably; returns once it is fdatasynced. A record
+    /// already held is not written twice. Waits while the spool is full.
+    pub async fn append(&self, msg: &Message, frame: Bytes) -> Result<(), SpoolError> {
+        let Some(key) = key_of(msg) else {
+            return Ok(());
+        };
+        if self.lock().entries.contains_key(&key) {
+            return Ok(()); // entries enter the index only once durable
+        }
+        let units = (frame.len() as u64).div_ceil(UNIT);
+        if units > self.total_units {
+            return Err(SpoolError::TooLarge(frame.len()));
+        }
+        let units = u32::try_from(units).map_err(|_| SpoolError::TooLarge(frame.len()))?;
+        if self.space.available_permits() < units as usize {
+            warn!(disk = %key.0, "spool full: pushing back on agents until the master target catches up");
+        }
+        let permit = self
+            .space
+            .acquire_many(units)
+            .await
+            .map_err(|_| SpoolError::WriterGone)?;
+        permit.forget(); // returned by `remove`
+        let (done, wait) = oneshot::channel();
+        let sent = self
+            .appends
+            .send(Append {
+                key: key.clone(),
+                frame,
+                units,
+                done,
+            })
+            .await;
+        let result = match sent {
+            Ok(()) => wait.await.map_err(|_| SpoolError::WriterGone)?,
+            Err(_) => Err(io::Error::other("writer stopped")),
+        };
+        match result {
+            Ok(()) => {
+                if let Some(set) = self.lock().rejected.get_mut(&key.0) {
+                    set.remove(&(key.1, key.2));
+                }
+                self.appended.notify_waiters();
+                Ok(())
+            }
+            Err(source) => {
+                self.space.add_permits(units as usize);
+                Err(SpoolError::Io {
+                    what: "append",
+                    path: self.dir.clone(),
+                    source,
+                })
+            }
+        }
+    }
+
+    fn write_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Append>) {
+        let mut pending: Vec<Append> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            pending.push(first);
+            let mut bytes: usize = pending[0].frame.len();
+            while bytes < (64 << 20) {
+                match rx.try_recv() {
+                    Ok(a) => {
+                        bytes += a.frame.len();
+                        pending.push(a);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let result = self.write_group(&pending);
+            for a in pending.drain(..) {
+                let r = match &result {
+                    Ok(placed) => {
+                        let _ = placed;
+                        Ok(())
+                    }
+                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                };
+                let _ = a.done.send(r);
+            }
+        }
+    }
+
+    /// Writes a group of records, rolling segments as needed, fdatasyncs, and only then
+    /// enters them in the index.
+    fn write_group(&self, group: &[Append]) -> io::Result<()> {
+        let (mut active, mut file, mut offset) = {
+            let idx = self.lock();
+            let seg = &idx.segments[&idx.active];
+            (idx.active, seg.file.clone(), seg.file.metadata()?.len())
+        };
+        let mut placed: Vec<(usize, Entry)> = Vec::with_capacity(group.len());
+        for (i, a) in group.iter().enumerate() {
+            if offset >= SEGMENT_TARGET {
+                // Records in the closing segment must be durable before we ack them.
+                file.sync_data()?;
+                let next = active + 1;
+                let path = segment_path(&self.dir, next);
+                let f = Arc::new(create_segment(&path, next).map_err(io::Error::other)?);
+                self.lock().segments.insert(
+                    next,
+                    Segment {
+                        file: f.clone(),
+                        path,
+                        live: 0,
+                    },
+                );
+                self.lock().active = next;
+                self.retire_if_empty(active);
+                active = next;
+                file = f;
+                offset = SEGMENT_HEADER;
+            }
+            file.write_all_at(&a.frame, offset)?;
+            placed.push((
+                i,
+                Entry {
+                    segment: active,
+                    offset,
+                    len: u32::try_from(a.frame.len()).map_err(io::Error::other)?,
+                    units: a.units,
+                },
+            ));
+            offset += a.frame.len() as u64;
+        }
+        // The group commit: one fdatasync makes every record above durable.
+        file.sync_data()?;
+        let mut idx = self.lock();
+        for (i, entry) in placed {
+            let key = group[i].key.clone();
+            if let Some(seg) = idx.segments.get_mut(&entry.segment) {
+                seg.live += 1;
+            }
+            if let Some(old) = idx.entries.insert(key, entry) {
+                // A resend raced its original: keep one copy, free the other.
+                if let Some(seg) = idx.segments.get_mut(&old.segment) {
+                    seg.live = seg.live.saturating_sub(1);
+                }
+                self.space.add_permits(old.units as usize);
+            }
+        }
+        Ok(())
+    }
+
+    fn retire_if_empty(&self, id: u64) {
+        let mut idx = self.lock();
+        let retire = idx.active != id && idx.segments.get(&id).is_some_and(|s| s.live == 0);
+        if retire {
+            if let Some(s) = idx.segments.remove(&id) {
+                // No fsync of the directory: a deletion lost in a crash only replays
+                // records the master target already holds, which it acks as duplicates.
+                let _ = std::fs::remove_file(&s.path);
+            }
+        }
+    }
+
+    /// Up to `max` keys not in `in_flight`, in order per disk, round-robin over disks.
+    pub fn next_unsent(&self, in_flight: &BTreeSet<Key>, max: usize) -> Vec<Key> {
+        let idx = self.lock();
+        let mut per_disk: BTreeMap<&str, Vec<&Key>> = BTreeMap::new();
+        for key in idx.entries.keys() {
+            if in_flight.contains(key) {
+                continue;
+            }
+            let v = per_disk.entry(key.0.as_str()).or_default();
+            if v.len() < max {
+                v.push(key);
+            }
+        }
+        let mut out = Vec::with_capacity(max);
+        let mut round = 0;
+        while out.len() < max {
+            let mut any = false;
+            for keys in per_disk.values() {
+                if let Some(k) = keys.get(round) {
+                    out.push((*k).clone());
+                    any = true;
+                    if out.len() == max {
+                        break;
+                    }
+                }
+            }
+            if !any {
+                break;
+            }
+            round += 1;
+        }
+        out
+    }
+
+    /// The frame bytes of a held record.
+    pub fn read(&self, key: &Key) -> io::Result<Option<Bytes>> {
+        let (entry, file) = {
+            let idx = self.lock();
+            let Some(e) = idx.entries.get(key).copied() else {
+                return Ok(None);
+            };
+            let Some(seg) = idx.segments.get(&e.segment) else {
+                return Ok(None);
+            };
+            (e, seg.file.clone())
+        };
+        let mut buf = vec![0u8; entry.len as usize];
+        file.read_exact_at(&mut buf, entry.offset)?;
+        Ok(Some(Bytes::from(buf)))
+    }
+
+    /// Forgets a record the master target acknowledged; frees its space.
+    pub fn remove(&self, key: &Key) {
+        let segment = {
+            let mut idx = self.lock();
+            let Some(e) = idx.entries.remove(key) else {
+                return;
+            };
+            if let Some(seg) = idx.segments.get_mut(&e.segment) {
+                seg.live = seg.live.saturating_sub(1);
+            }
+            self.space.add_permits(e.units as usize);
+            e.segment
+        };
+        self.retire_if_empty(segment);
+    }
+
+    /// Drops a record the master target refused and remembers that the agent must
+    /// send it again.
+    pub fn reject(&self, key: &Key) {
+        self.remove(key);
+        self.lock()
+            .rejected
+            .entry(key.0.clone())
+            .or_default()
+            .insert((key.1, key.2));
+    }
+
+    /// Seqs of `disk` in `generation` the agent must send again.
+    pub fn rejected(&self, disk: &str, generation: u64) -> Vec<u64> {
+        self.lock()
+            .rejected
+            .get(disk)
+            .map(|s| s.iter().filter(|(g, _)| *g == generation).map(|(_, s)| *s).collect())
+            .unwrap_or_default()
+    }
+
+    /// Records held and bytes of space in use.
+    pub fn usage(&self) -> (usize, u64) {
+        let records = self.lock().entries.len();
+        let free = self.space.available_permits() as u64;
+        (records, self.total_units.saturating_sub(free) * UNIT)
+    }
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("seg-{id:016x}.spool"))
+}
+
+fn segment_header(id: u64) -> [u8; SEGMENT_HEADER as usize] {
+    let mut h = [0u8; SEGMENT_HEADER as usize];
+    h[0..4].copy_from_slice(&SEGMENT_MAGIC);
+    h[4..6].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    h[8..16].copy_from_slice(&id.to_le_bytes());
+    let crc = crc32fast::hash(&h[..16]);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn create_segment(path: &Path, id: u64) -> Result<File, SpoolError> {
+    let io = |what| move |source| SpoolError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io("create segment"))?;
+    f.write_all(&segment_header(id)).map_err(io("write segment header"))?;
+    // The header and the new directory entry must be durable before any record in
+    // this segment is acknowledged.
+    f.sync_all().map_err(io("fsync segment"))?;
+    if let Some(dir) = path.parent() {
+        fsync_dir(dir).map_err(|e| SpoolError::Io {
+            what: "fsync spool directory",
+            path: dir.to_path_buf(),
+            source: io::Error::other(e),
+        })?;
+    }
+    Ok(f)
+}
+
+/// Replays one segment into the index; returns the space units its records use.
+fn replay_segment(id: u64, path: &Path, index: &mut Index) -> Result<u64, SpoolError> {
+    let io = |what| move |source| SpoolError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io("open segment"))?;
+    let len = file.metadata().map_err(io("stat segment"))?.len();
+    let mut header = [0u8; SEGMENT_HEADER as usize];
+    if len < SEGMENT_HEADER
+        || file.read_exact_at(&mut header, 0).is_err()
+        || header != segment_header(id)
+    {
+        warn!(segment = %path.display(), "spool segment has no valid header (torn at creation): removing it");
+        let _ = std::fs::remove_file(path);
+        return Ok(0);
+    }
+    let mut offset = SEGMENT_HEADER;
+    let mut units = 0u64;
+    let mut live = 0usize;
+    let mut hdr = [0u8; HEADER_LEN];
+    while offset < len {
+        let torn = |why: String| {
+            warn!(segment = %path.display(), offset, %why, "torn or corrupt spool tail: cutting it off (those records were never acknowledged)");
+        };
+        if offset + HEADER_LEN as u64 > len || file.read_exact_at(&mut hdr, offset).is_err() {
+            torn("short header".into());
+            break;
+        }
+        let h = match FrameHeader::parse(&hdr) {
+            Ok(h) => h,
+            Err(e) => {
+                torn(e.to_string());
+                break;
+            }
+        };
+        let total = HEADER_LEN as u64 + h.body_len as u64;
+        if offset + total > len {
+            torn("short record".into());
+            break;
+        }
+        let mut buf = vec![0u8; usize::try_from(total).unwrap_or(0)];
+        if file.read_exact_at(&mut buf, offset).is_err() {
+            torn("unreadable record".into());
+            break;
+        }
+        let buf = Bytes::from(buf);
+        let msg = match Message::decode_exact(&buf) {
+            Ok(m) => m,
+            Err(e) => {
+                torn(e.to_string());
+                break;
+            }
+        };
+        if let Some(key) = key_of(&msg) {
+            let u = total.div_ceil(UNIT);
+            let entry = Entry {
+                segment: id,
+                offset,
+                len: u32::try_from(total).unwrap_or(u32::MAX),
+                units: u32::try_from(u).unwrap_or(u32::MAX),
+            };
+            if let Some(old) = index.entries.insert(key, entry) {
+                units -= u64::from(old.units);
+                if old.segment == id {
+                    live -= 1;
+                } else if let Some(s) = index.segments.get_mut(&old.segment) {
+                    s.live = s.live.saturating_sub(1);
+                }
+            }
+            units += u;
+            live += 1;
+        }
+        offset += total;
+    }
+    if offset < len {
+        file.set_len(offset).map_err(io("truncate torn tail"))?;
+        file.sync_all().map_err(io("fsync segment"))?;
+    }
+    index.segments.insert(
+        id,
+        Segment {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            live,
+        },
+    );
+    Ok(units)
+}
