@@ -33,9 +33,15 @@ impl TlsPaths {
 
     /// Checks that the three files are named.
     pub fn validate(&self) -> Result<(), String> {
-        for (what, p) in [("tls.ca", &self.ca), ("tls.cert", &self.cert), ("tls.key", &self.key)] {
+        for (what, p) in [
+            ("tls.ca", &self.ca),
+            ("tls.cert", &self.cert),
+            ("tls.key", &self.key),
+        ] {
             if p.as_os_str().is_empty() {
-                return Err(format!("{what} is not set: give it in the config file or with --pki-dir"));
+                return Err(format!(
+                    "{what} is not set: give it in the config file or with --pki-dir"
+                ));
             }
         }
         Ok(())
@@ -88,6 +94,7 @@ pub fn init_logging(default_level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -113,7 +120,10 @@ pub fn shutdown_on_signals() -> Shutdown {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::warn!("cannot install signal handlers; stop with SIGKILL");
             return;
         };

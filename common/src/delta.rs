@@ -287,7 +287,9 @@ pub struct ExtentEncoder {
 
 impl std::fmt::Debug for ExtentEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExtentEncoder").field("level", &self.level).finish()
+        f.debug_struct("ExtentEncoder")
+            .field("level", &self.level)
+            .finish()
     }
 }
 
@@ -358,13 +360,19 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            *b = x as u8;
+            *b = x.to_le_bytes()[0];
         }
         let mut scratch = Vec::new();
-        for (data, codec) in [(&zero, Codec::Zero), (&text, Codec::Zstd), (&noise, Codec::Raw)] {
+        for (data, codec) in [
+            (&zero, Codec::Zero),
+            (&text, Codec::Zstd),
+            (&noise, Codec::Raw),
+        ] {
             let e = enc.encode(4096, data, ChunkHash::of(data));
             assert_eq!(e.codec, codec);
-            let raw = e.decode_verified(&mut scratch, zeros_hash).expect("verifies");
+            let raw = e
+                .decode_verified(&mut scratch, zeros_hash)
+                .expect("verifies");
             match raw {
                 Some(raw) => assert_eq!(raw, &data[..]),
                 None => assert_eq!(codec, Codec::Zero),
@@ -401,7 +409,10 @@ mod tests {
             e.decode_verified(&mut scratch, zeros_hash),
             Err(ExtentError::Decompress { .. })
         ));
-        assert!(scratch.len() < 1 << 20, "never decompressed past the claimed length");
+        assert!(
+            scratch.len() < 1 << 20,
+            "never decompressed past the claimed length"
+        );
         Ok(())
     }
 

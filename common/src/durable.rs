@@ -79,7 +79,10 @@ pub fn fsync_dir(dir: &Path) -> Result<(), DurableError> {
 /// the permissions of the new file (0o600 for keys).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), DurableError> {
     let dir = parent_dir(path);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let mut f = OpenOptions::new()
         .write(true)
@@ -208,7 +211,11 @@ fn read_at_most(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
     Ok(done)
 }
 
-fn encode_slot<T: Serialize>(path: &Path, counter: u64, value: &T) -> Result<Vec<u8>, DurableError> {
+fn encode_slot<T: Serialize>(
+    path: &Path,
+    counter: u64,
+    value: &T,
+) -> Result<Vec<u8>, DurableError> {
     let json = serde_json::to_vec(value).map_err(|e| DurableError::Format {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -216,7 +223,10 @@ fn encode_slot<T: Serialize>(path: &Path, counter: u64, value: &T) -> Result<Vec
     if json.len() > SLOT_LEN - SLOT_HEADER {
         return Err(DurableError::Format {
             path: path.to_path_buf(),
-            reason: format!("state of {} bytes does not fit a {SLOT_LEN}-byte slot", json.len()),
+            reason: format!(
+                "state of {} bytes does not fit a {SLOT_LEN}-byte slot",
+                json.len()
+            ),
         });
     }
     let len = u32::try_from(json.len()).expect("fits in a slot");
@@ -270,9 +280,18 @@ mod tests {
     fn state_survives_reopen_and_a_torn_newest_slot() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("state");
-        let mut st = StateFile::open_or_create(&path, S { seq: 0, name: "a".into() })?;
+        let mut st = StateFile::open_or_create(
+            &path,
+            S {
+                seq: 0,
+                name: "a".into(),
+            },
+        )?;
         for seq in 1..=5 {
-            st.store(S { seq, name: "a".into() })?;
+            st.store(S {
+                seq,
+                name: "a".into(),
+            })?;
         }
         drop(st);
         assert_eq!(StateFile::<S>::open(&path)?.get().seq, 5);
@@ -295,8 +314,15 @@ mod tests {
         write_atomic(&path, b"one", 0o600)?;
         write_atomic(&path, b"two", 0o600)?;
         assert_eq!(std::fs::read(&path)?, b"two");
-        assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, 0o600);
-        assert_eq!(std::fs::read_dir(dir.path())?.count(), 1, "no temp file left");
+        assert_eq!(
+            std::fs::metadata(&path)?.permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path())?.count(),
+            1,
+            "no temp file left"
+        );
         Ok(())
     }
 }

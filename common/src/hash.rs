@@ -17,7 +17,7 @@ impl ChunkHash {
 
     /// The hash of `len` zero bytes, computed without allocating `len` bytes.
     pub fn of_zeros(len: usize) -> Self {
-        const ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
+        static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
         let mut hasher = blake3::Hasher::new();
         let mut left = len;
         while left > 0 {

@@ -475,7 +475,11 @@ impl Message {
                 code: r.u16("error code")?,
                 reason: r.str("reason")?,
             },
-            other => return Err(DecodeError::Invalid(format!("unknown message kind {other}"))),
+            other => {
+                return Err(DecodeError::Invalid(format!(
+                    "unknown message kind {other}"
+                )))
+            }
         };
         r.finish(msg.name())?;
         Ok(msg)
@@ -544,15 +548,22 @@ mod tests {
             }),
             (disk_id(), any::<u64>(), "[ -~]{0,20}")
                 .prop_map(|(disk, size, group)| Message::OpenDisk { disk, size, group }),
-            (disk_id(), any::<u64>(), any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u64>(), 0..5)).prop_map(
-                |(disk, size, generation, next_seq, resend)| Message::DiskState(DiskState {
-                    disk,
-                    size,
-                    generation,
-                    next_seq,
-                    resend
-                })
-            ),
+            (
+                disk_id(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(any::<u64>(), 0..5)
+            )
+                .prop_map(|(disk, size, generation, next_seq, resend)| {
+                    Message::DiskState(DiskState {
+                        disk,
+                        size,
+                        generation,
+                        next_seq,
+                        resend,
+                    })
+                }),
             (
                 disk_id(),
                 any::<u64>(),
@@ -565,14 +576,25 @@ mod tests {
                     seq,
                     extents
                 })),
-            (disk_id(), any::<u64>(), any::<u64>(), 0u8..3, any::<u64>(), any::<u64>(), "[ -~]{0,20}")
+            (
+                disk_id(),
+                any::<u64>(),
+                any::<u64>(),
+                0u8..3,
+                any::<u64>(),
+                any::<u64>(),
+                "[ -~]{0,20}"
+            )
                 .prop_map(|(disk, generation, seq, k, point_id, time_ms, group)| {
                     Message::Tag(Tag {
                         disk,
                         generation,
                         seq,
-                        kind: [TagKind::SyncComplete, TagKind::CrashConsistent, TagKind::AppConsistent]
-                            [k as usize],
+                        kind: [
+                            TagKind::SyncComplete,
+                            TagKind::CrashConsistent,
+                            TagKind::AppConsistent,
+                        ][k as usize],
                         point_id,
                         time_ms,
                         group,
@@ -593,14 +615,20 @@ mod tests {
                     chunk_size: 1 << shift
                 }
             ),
-            (disk_id(), any::<u64>(), 12u32..20, proptest::collection::vec(any::<[u8; 32]>(), 0..50))
+            (
+                disk_id(),
+                any::<u64>(),
+                12u32..20,
+                proptest::collection::vec(any::<[u8; 32]>(), 0..50)
+            )
                 .prop_map(|(disk, offset, shift, hashes)| Message::ManifestResponse {
                     disk,
                     offset,
                     chunk_size: 1 << shift,
                     hashes: hashes.into_iter().map(ChunkHash).collect()
                 }),
-            (any::<u16>(), "[ -~]{0,100}").prop_map(|(code, reason)| Message::Error { code, reason }),
+            (any::<u16>(), "[ -~]{0,100}")
+                .prop_map(|(code, reason)| Message::Error { code, reason }),
         ]
     }
 

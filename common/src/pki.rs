@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use thiserror::Error;
 
@@ -37,7 +37,9 @@ pub enum PkiError {
     #[error("a CA already exists in {0}: refusing to replace it (every issued certificate would stop working); use another directory")]
     CaExists(PathBuf),
     /// The name is not usable in a certificate.
-    #[error("name {0:?} must be 1-63 characters of a-z 0-9 and '-', not starting or ending with '-'")]
+    #[error(
+        "name {0:?} must be 1-63 characters of a-z 0-9 and '-', not starting or ending with '-'"
+    )]
     BadName(String),
     /// rcgen refused.
     #[error("certificate generation failed: {0}")]
@@ -55,7 +57,9 @@ pub fn validate_name(name: &str) -> Result<(), PkiError> {
         && name.len() <= 63
         && !name.starts_with('-')
         && !name.ends_with('-')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -100,7 +104,12 @@ pub fn init_ca(dir: &Path) -> Result<PathBuf, PkiError> {
 
 /// Issues a certificate for `name` acting as `role`, signed by the CA in `ca_dir`;
 /// writes `<out_dir>/<name>.pem` and `<out_dir>/<name>.key` (0600). Returns the paths.
-pub fn issue(ca_dir: &Path, role: Role, name: &str, out_dir: &Path) -> Result<(PathBuf, PathBuf), PkiError> {
+pub fn issue(
+    ca_dir: &Path,
+    role: Role,
+    name: &str,
+    out_dir: &Path,
+) -> Result<(PathBuf, PathBuf), PkiError> {
     validate_name(name)?;
     let ca_key_path = ca_dir.join("ca.key");
     let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(|source| PkiError::Read {
@@ -148,15 +157,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn init_refuses_to_replace_and_issue_writes_private_keys() -> Result<(), Box<dyn std::error::Error>> {
+    fn init_refuses_to_replace_and_issue_writes_private_keys(
+    ) -> Result<(), Box<dyn std::error::Error>> {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir()?;
         init_ca(dir.path())?;
         assert!(matches!(init_ca(dir.path()), Err(PkiError::CaExists(_))));
         let (_, key) = issue(dir.path(), Role::Agent, "vm1", dir.path())?;
         assert_eq!(std::fs::metadata(&key)?.permissions().mode() & 0o777, 0o600);
-        assert_eq!(std::fs::metadata(dir.path().join("ca.key"))?.permissions().mode() & 0o777, 0o600);
-        assert!(matches!(issue(dir.path(), Role::Agent, "Bad_Name", dir.path()), Err(PkiError::BadName(_))));
+        assert_eq!(
+            std::fs::metadata(dir.path().join("ca.key"))?
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        assert!(matches!(
+            issue(dir.path(), Role::Agent, "Bad_Name", dir.path()),
+            Err(PkiError::BadName(_))
+        ));
         Ok(())
     }
 }

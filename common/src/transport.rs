@@ -162,7 +162,10 @@ fn bind_socket(addr: SocketAddr) -> Result<UdpSocket, TransportError> {
     Ok(sock)
 }
 
-fn endpoint(sock: UdpSocket, server: Option<quinn::ServerConfig>) -> Result<Endpoint, TransportError> {
+fn endpoint(
+    sock: UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> Result<Endpoint, TransportError> {
     let addr = sock.local_addr().map_err(|source| TransportError::Bind {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
@@ -181,7 +184,8 @@ fn client_config(m: &Material) -> Result<quinn::ClientConfig, TransportError> {
         .with_client_auth_cert(m.chain.clone(), m.key.clone_key())
         .map_err(|e| TransportError::Config(e.to_string()))?;
     crypto.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(crypto).map_err(|e| TransportError::Config(e.to_string()))?;
+    let quic =
+        QuicClientConfig::try_from(crypto).map_err(|e| TransportError::Config(e.to_string()))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(quic));
     cc.transport_config(transport_config());
     Ok(cc)
@@ -191,9 +195,10 @@ fn client_config(m: &Material) -> Result<quinn::ClientConfig, TransportError> {
 /// deployment CA. It can also dial out (a process server dials its master target).
 pub fn server_endpoint(addr: SocketAddr, tls: &TlsPaths) -> Result<Endpoint, TransportError> {
     let m = load(tls)?;
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider())
-        .build()
-        .map_err(|e| TransportError::Config(e.to_string()))?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider())
+            .build()
+            .map_err(|e| TransportError::Config(e.to_string()))?;
     let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Config(e.to_string()))?
@@ -201,7 +206,8 @@ pub fn server_endpoint(addr: SocketAddr, tls: &TlsPaths) -> Result<Endpoint, Tra
         .with_single_cert(m.chain.clone(), m.key.clone_key())
         .map_err(|e| TransportError::Config(e.to_string()))?;
     crypto.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicServerConfig::try_from(crypto).map_err(|e| TransportError::Config(e.to_string()))?;
+    let quic =
+        QuicServerConfig::try_from(crypto).map_err(|e| TransportError::Config(e.to_string()))?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
     sc.transport_config(transport_config());
     let mut ep = endpoint(bind_socket(addr)?, Some(sc))?;
@@ -226,7 +232,10 @@ pub fn peer_role(conn: &Connection) -> Option<Role> {
     Role::ALL.into_iter().find(|role| {
         DnsName::try_from(role_dns_name(*role))
             .ok()
-            .map(|dns| cert.verify_is_valid_for_subject_name(&ServerName::DnsName(dns)).is_ok())
+            .map(|dns| {
+                cert.verify_is_valid_for_subject_name(&ServerName::DnsName(dns))
+                    .is_ok()
+            })
             .unwrap_or(false)
     })
 }
@@ -239,10 +248,12 @@ pub async fn connect(
     my_hello: &Message,
 ) -> Result<Connection, TransportError> {
     let server_name = role_dns_name(expected);
-    let connecting = ep.connect(addr, &server_name).map_err(|e| TransportError::Connect {
-        addr,
-        reason: e.to_string(),
-    })?;
+    let connecting = ep
+        .connect(addr, &server_name)
+        .map_err(|e| TransportError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
     let conn = connecting.await.map_err(|e| TransportError::Connect {
         addr,
         reason: e.to_string(),
@@ -253,7 +264,10 @@ pub async fn connect(
             "{addr} says it is a {role}, expected a {expected}"
         ))),
         Message::Error { reason, .. } => Err(TransportError::Refused(format!("{addr}: {reason}"))),
-        other => Err(TransportError::Protocol(format!("expected hello, got {}", other.name()))),
+        other => Err(TransportError::Protocol(format!(
+            "expected hello, got {}",
+            other.name()
+        ))),
     }
 }
 
@@ -273,20 +287,35 @@ pub async fn accept_hello(
         return Err(refuse("certificate names no Boomerang role".into()));
     };
     if !allowed.contains(&role) {
-        return Err(refuse(format!("role {role} may not connect here (allowed: {allowed:?})")));
+        return Err(refuse(format!(
+            "role {role} may not connect here (allowed: {allowed:?})"
+        )));
     }
     let (mut send, mut recv) = conn.accept_bi().await?;
     let hello = read_message(&mut recv).await?;
     match hello {
-        Message::Hello { role: claimed, name, .. } if claimed == role => {
+        Message::Hello {
+            role: claimed,
+            name,
+            ..
+        } if claimed == role => {
             write_message(&mut send, my_hello).await?;
             Ok((role, name))
         }
         Message::Hello { role: claimed, .. } => {
-            let _ = write_message(&mut send, &Message::error(ErrorCode::BadRequest, "role mismatch")).await;
-            Err(refuse(format!("hello claims role {claimed}, certificate says {role}")))
+            let _ = write_message(
+                &mut send,
+                &Message::error(ErrorCode::BadRequest, "role mismatch"),
+            )
+            .await;
+            Err(refuse(format!(
+                "hello claims role {claimed}, certificate says {role}"
+            )))
         }
-        other => Err(refuse(format!("first message was {}, expected hello", other.name()))),
+        other => Err(refuse(format!(
+            "first message was {}, expected hello",
+            other.name()
+        ))),
     }
 }
 
@@ -324,7 +353,8 @@ pub async fn write_frame(send: &mut SendStream, frame: Bytes) -> Result<(), Tran
     send.write_chunk(frame)
         .await
         .map_err(|e| TransportError::Stream(e.to_string()))?;
-    send.finish().map_err(|e| TransportError::Stream(e.to_string()))
+    send.finish()
+        .map_err(|e| TransportError::Stream(e.to_string()))
 }
 
 /// Sends `msg` on a new stream and waits for the one-frame answer.

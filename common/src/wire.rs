@@ -341,11 +341,17 @@ mod tests {
             bad[byte] ^= 0x10;
             let r = split_frame(&Bytes::from(bad));
             assert!(
-                matches!(r, Err(DecodeError::Invalid(_)) | Err(DecodeError::Incomplete { .. })),
+                matches!(
+                    r,
+                    Err(DecodeError::Invalid(_)) | Err(DecodeError::Incomplete { .. })
+                ),
                 "byte {byte}: {r:?}"
             );
-            if byte < 8 || byte >= 12 {
-                assert!(matches!(r, Err(DecodeError::Invalid(_))), "byte {byte}: {r:?}");
+            if !(8..12).contains(&byte) {
+                assert!(
+                    matches!(r, Err(DecodeError::Invalid(_))),
+                    "byte {byte}: {r:?}"
+                );
             }
         }
     }

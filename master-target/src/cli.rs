@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use boomerang_common::config::{init_logging, load_toml, parse_id_path, shutdown_on_signals, TlsArgs};
+use boomerang_common::config::{
+    init_logging, load_toml, parse_id_path, shutdown_on_signals, TlsArgs,
+};
 use boomerang_common::message::Role;
 use boomerang_common::pki;
 use clap::{Parser, Subcommand};
@@ -132,10 +134,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("created CA {}", ca.display());
             Ok(())
         }
-        Command::Pki(PkiCommand::Issue { dir, role, name, out }) => {
+        Command::Pki(PkiCommand::Issue {
+            dir,
+            role,
+            name,
+            out,
+        }) => {
             let out = out.unwrap_or_else(|| dir.clone());
             let (cert, key) = pki::issue(&dir, role, &name, &out)?;
-            println!("issued {role} certificate {} (key {})", cert.display(), key.display());
+            println!(
+                "issued {role} certificate {} (key {})",
+                cert.display(),
+                key.display()
+            );
             Ok(())
         }
         Command::Quickstart(args) => crate::quickstart::run(args),

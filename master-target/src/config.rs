@@ -44,7 +44,8 @@ impl MtConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.tls.validate()?;
         for disk in self.replicas.keys() {
-            boomerang_common::delta::validate_disk_id(disk).map_err(|e| format!("replicas: {e}"))?;
+            boomerang_common::delta::validate_disk_id(disk)
+                .map_err(|e| format!("replicas: {e}"))?;
         }
         if self.state_dir.as_os_str().is_empty() {
             return Err("state_dir is empty".into());

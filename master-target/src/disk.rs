@@ -360,7 +360,11 @@ impl Disk {
                 self.wait_durable(next).await?;
                 return Ok(Outcome::Applied);
             }
-            let want = if generation > cur.generation { 0 } else { cur.next_seq };
+            let want = if generation > cur.generation {
+                0
+            } else {
+                cur.next_seq
+            };
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) | Err(_) => {

@@ -85,8 +85,15 @@ pub fn load_records(state_dir: &Path) -> Result<Vec<DiskRecord>, DisksError> {
 
 impl Disks {
     /// Opens the state directory and every disk recorded in it.
-    pub fn open(state_dir: &Path, overrides: BTreeMap<String, PathBuf>) -> Result<Self, DisksError> {
-        for d in [state_dir.to_path_buf(), state_dir.join("disks"), state_dir.join("replicas")] {
+    pub fn open(
+        state_dir: &Path,
+        overrides: BTreeMap<String, PathBuf>,
+    ) -> Result<Self, DisksError> {
+        for d in [
+            state_dir.to_path_buf(),
+            state_dir.join("disks"),
+            state_dir.join("replicas"),
+        ] {
             create_dir_durable(&d).map_err(|e| DisksError::Storage {
                 what: "create",
                 path: d.clone(),
@@ -100,24 +107,33 @@ impl Disks {
         };
         for rec in load_records(state_dir)? {
             let replica = open_replica(&rec.replica, rec.size)?;
-            let st = StateFile::open(&record_path(state_dir, &rec.disk)).map_err(|e| DisksError::Storage {
-                what: "open disk record",
-                path: record_path(state_dir, &rec.disk),
-                reason: e.to_string(),
+            let st = StateFile::open(&record_path(state_dir, &rec.disk)).map_err(|e| {
+                DisksError::Storage {
+                    what: "open disk record",
+                    path: record_path(state_dir, &rec.disk),
+                    reason: e.to_string(),
+                }
             })?;
             info!(disk = %rec.disk, generation = rec.position.generation, next_seq = rec.position.next_seq, "disk loaded");
-            disks.lock().insert(rec.disk.clone(), Disk::start(replica, st));
+            disks
+                .lock()
+                .insert(rec.disk.clone(), Disk::start(replica, st));
         }
         Ok(disks)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Disk>>> {
-        self.disks.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.disks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The disk, if known.
     pub fn get(&self, disk: &str) -> Result<Arc<Disk>, DisksError> {
-        self.lock().get(disk).cloned().ok_or_else(|| DisksError::Unknown(disk.to_string()))
+        self.lock()
+            .get(disk)
+            .cloned()
+            .ok_or_else(|| DisksError::Unknown(disk.to_string()))
     }
 
     /// Handles an agent's announcement of a disk: creates the replica the first time,
@@ -182,29 +198,40 @@ impl Disks {
     }
 
     /// Chunk hashes of the replica over `[offset, offset + len)`, clipped to its size.
-    pub fn manifest(&self, disk: &str, offset: u64, len: u64, chunk_size: u32) -> Result<Vec<ChunkHash>, DisksError> {
+    pub fn manifest(
+        &self,
+        disk: &str,
+        offset: u64,
+        len: u64,
+        chunk_size: u32,
+    ) -> Result<Vec<ChunkHash>, DisksError> {
         let d = self.get(disk)?;
         let cs = u64::from(chunk_size);
-        if offset % cs != 0 {
+        if !offset.is_multiple_of(cs) {
             return Err(DisksError::Bad {
                 disk: disk.to_string(),
-                reason: format!("manifest offset {offset} is not a multiple of the chunk size {chunk_size}"),
+                reason: format!(
+                    "manifest offset {offset} is not a multiple of the chunk size {chunk_size}"
+                ),
             });
         }
         let size = d.replica().size();
         let end = offset.saturating_add(len).min(size);
         let mut hashes = Vec::new();
         let piece = (4 << 20) / cs * cs;
-        let mut buf = vec![0u8; usize::try_from(piece.min(end.saturating_sub(offset))).unwrap_or(0)];
+        let mut buf =
+            vec![0u8; usize::try_from(piece.min(end.saturating_sub(offset))).unwrap_or(0)];
         let mut at = offset;
         while at < end {
             let n = piece.min(end - at);
             let b = &mut buf[..usize::try_from(n).unwrap_or(0)];
-            d.replica().read_at(at, b).map_err(|e| DisksError::Storage {
-                what: "read replica",
-                path: PathBuf::from(disk),
-                reason: e.to_string(),
-            })?;
+            d.replica()
+                .read_at(at, b)
+                .map_err(|e| DisksError::Storage {
+                    what: "read replica",
+                    path: PathBuf::from(disk),
+                    reason: e.to_string(),
+                })?;
             hashes.extend(b.chunks(chunk_size as usize).map(ChunkHash::of));
             at += n;
         }

@@ -66,7 +66,11 @@ impl FileReplica {
         Ok(FileReplica {
             path: path.to_path_buf(),
             file,
-            size: if block_device { size.min(actual) } else { actual },
+            size: if block_device {
+                size.min(actual)
+            } else {
+                actual
+            },
             block_device,
         })
     }
@@ -77,7 +81,7 @@ impl FileReplica {
     }
 }
 
-const ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
+static ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
 
 impl Replica for FileReplica {
     fn size(&self) -> u64 {

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
+use boomerang_common::config::Shutdown;
 use boomerang_common::message::{ErrorCode, Message, Role};
 use boomerang_common::transport::{self, TransportError};
 use quinn::Connection;
-use boomerang_common::config::Shutdown;
 use tracing::{debug, info, warn};
 
 use crate::config::MtConfig;
@@ -17,9 +17,13 @@ use crate::disks::Disks;
 /// once ready, for scripts and tests.
 pub async fn run(config: MtConfig, mut shutdown: Shutdown) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    config.validate().map_err(anyhow::Error::msg).context("invalid configuration")?;
+    config
+        .validate()
+        .map_err(anyhow::Error::msg)
+        .context("invalid configuration")?;
     let disks = Arc::new(
-        Disks::open(&config.state_dir, config.replicas.clone()).context("opening the state directory")?,
+        Disks::open(&config.state_dir, config.replicas.clone())
+            .context("opening the state directory")?,
     );
     let endpoint = transport::server_endpoint(config.listen, &config.tls)
         .with_context(|| format!("starting QUIC on {}", config.listen))?;
@@ -59,7 +63,10 @@ pub async fn run(config: MtConfig, mut shutdown: Shutdown) -> anyhow::Result<()>
         }
     }
     info!("shutting down");
-    endpoint.close(transport::CLOSE_SHUTDOWN.into(), b"master target shutting down");
+    endpoint.close(
+        transport::CLOSE_SHUTDOWN.into(),
+        b"master target shutting down",
+    );
     endpoint.wait_idle().await;
     Ok(())
 }
@@ -131,7 +138,9 @@ pub async fn handle(disks: &Arc<Disks>, msg: Message) -> Message {
             };
             let (generation, seq, id) = (batch.generation, batch.seq, batch.disk.clone());
             let size = disk.replica().size();
-            let verified = match tokio::task::spawn_blocking(move || verify_batch(&batch, size)).await {
+            let verified = match tokio::task::spawn_blocking(move || verify_batch(&batch, size))
+                .await
+            {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => {
                     disk.count_integrity_failure();

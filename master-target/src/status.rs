@@ -62,7 +62,8 @@ impl DiskStatus {
             }),
             point_id: r.cut.as_ref().map(|c| c.point_id),
             cut_time_ms: r.cut.as_ref().map(|c| c.time_ms),
-            lag_seconds: (r.last_apply_ms > 0).then(|| now_ms.saturating_sub(r.last_apply_ms) / 1000),
+            lag_seconds: (r.last_apply_ms > 0)
+                .then(|| now_ms.saturating_sub(r.last_apply_ms) / 1000),
             integrity_failures: r.integrity_failures,
         }
     }

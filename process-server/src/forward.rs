@@ -75,7 +75,12 @@ impl MasterLink {
 
 /// Forwards the spool to the master target until shutdown, with at most `window`
 /// records in flight.
-pub async fn forward_loop(spool: Arc<Spool>, link: Arc<MasterLink>, window: usize, mut shutdown: Shutdown) {
+pub async fn forward_loop(
+    spool: Arc<Spool>,
+    link: Arc<MasterLink>,
+    window: usize,
+    mut shutdown: Shutdown,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut in_flight: BTreeSet<Key> = BTreeSet::new();
     let mut tasks: JoinSet<(Key, Result<Message, String>)> = JoinSet::new();
@@ -118,7 +123,9 @@ pub async fn forward_loop(spool: Arc<Spool>, link: Arc<MasterLink>, window: usiz
                 in_flight.insert(key.clone());
                 let c = conn.clone();
                 tasks.spawn(async move {
-                    let r = transport::request_frame(&c, frame).await.map_err(|e| e.to_string());
+                    let r = transport::request_frame(&c, frame)
+                        .await
+                        .map_err(|e| e.to_string());
                     (key, r)
                 });
             }

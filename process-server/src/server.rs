@@ -18,7 +18,10 @@ use crate::spool::Spool;
 /// Runs the process server until `shutdown` flips. Prints `listening on ADDR` on
 /// stdout once ready.
 pub async fn run(config: PsConfig, mut shutdown: Shutdown) -> anyhow::Result<()> {
-    config.validate().map_err(anyhow::Error::msg).context("invalid configuration")?;
+    config
+        .validate()
+        .map_err(anyhow::Error::msg)
+        .context("invalid configuration")?;
     let spool = Spool::open(&config.spool_dir, config.spool_max_mib << 20)
         .with_context(|| format!("opening the spool in {}", config.spool_dir.display()))?;
     let endpoint = transport::server_endpoint(config.listen, &config.tls)
@@ -66,7 +69,10 @@ pub async fn run(config: PsConfig, mut shutdown: Shutdown) -> anyhow::Result<()>
     }
     info!("shutting down");
     forwarder.abort();
-    endpoint.close(transport::CLOSE_SHUTDOWN.into(), b"process server shutting down");
+    endpoint.close(
+        transport::CLOSE_SHUTDOWN.into(),
+        b"process server shutting down",
+    );
     endpoint.wait_idle().await;
     Ok(())
 }
@@ -132,7 +138,10 @@ async fn handle(spool: &Spool, link: &MasterLink, msg: Message, frame: bytes::By
         Message::ManifestRequest { .. } => link.relay(&msg).await,
         other => Message::error(
             ErrorCode::BadRequest,
-            format!("a process server does not take {} messages from agents", other.name()),
+            format!(
+                "a process server does not take {} messages from agents",
+                other.name()
+            ),
         ),
     }
 }

@@ -32,7 +32,8 @@ use tracing::{info, warn};
 
 const SEGMENT_MAGIC: [u8; 4] = *b"BMSP";
 const SEGMENT_VERSION: u16 = 1;
-const SEGMENT_HEADER: u64 = 20;
+const SEGMENT_HEADER_LEN: usize = 20;
+const SEGMENT_HEADER: u64 = SEGMENT_HEADER_LEN as u64;
 /// A segment is closed once it passes this size.
 pub const SEGMENT_TARGET: u64 = 64 << 20;
 /// Unit of spool space accounting.
@@ -175,13 +176,19 @@ impl Spool {
         let total_units = (max_bytes / UNIT).max(1);
         let free = total_units.saturating_sub(used_units);
         if records > 0 {
-            info!(records, bytes = used_units * UNIT, "spool replayed: forwarding what the master target has not acknowledged");
+            info!(
+                records,
+                bytes = used_units * UNIT,
+                "spool replayed: forwarding what the master target has not acknowledged"
+            );
         }
         let (tx, rx) = mpsc::channel(1024);
         let spool = Arc::new(Spool {
             dir: dir.to_path_buf(),
             index: Mutex::new(index),
-            space: Arc::new(Semaphore::new(usize::try_from(free).unwrap_or(usize::MAX >> 4))),
+            space: Arc::new(Semaphore::new(
+                usize::try_from(free).unwrap_or(usize::MAX >> 4),
+            )),
             total_units,
             appends: tx,
             appended: Notify::new(),
@@ -199,7 +206,9 @@ impl Spool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
-        self.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Appends a batch or tag frame durably; returns once it is fdatasynced. A record
@@ -442,7 +451,12 @@ impl Spool {
         self.lock()
             .rejected
             .get(disk)
-            .map(|s| s.iter().filter(|(g, _)| *g == generation).map(|(_, s)| *s).collect())
+            .map(|s| {
+                s.iter()
+                    .filter(|(g, _)| *g == generation)
+                    .map(|(_, s)| *s)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -458,8 +472,8 @@ fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("seg-{id:016x}.spool"))
 }
 
-fn segment_header(id: u64) -> [u8; SEGMENT_HEADER as usize] {
-    let mut h = [0u8; SEGMENT_HEADER as usize];
+fn segment_header(id: u64) -> [u8; SEGMENT_HEADER_LEN] {
+    let mut h = [0u8; SEGMENT_HEADER_LEN];
     h[0..4].copy_from_slice(&SEGMENT_MAGIC);
     h[4..6].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
     h[8..16].copy_from_slice(&id.to_le_bytes());
@@ -469,10 +483,12 @@ fn segment_header(id: u64) -> [u8; SEGMENT_HEADER as usize] {
 }
 
 fn create_segment(path: &Path, id: u64) -> Result<File, SpoolError> {
-    let io = |what| move |source| SpoolError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
+    let io = |what| {
+        move |source| SpoolError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
     };
     let mut f = OpenOptions::new()
         .read(true)
@@ -480,7 +496,8 @@ fn create_segment(path: &Path, id: u64) -> Result<File, SpoolError> {
         .create_new(true)
         .open(path)
         .map_err(io("create segment"))?;
-    f.write_all(&segment_header(id)).map_err(io("write segment header"))?;
+    f.write_all(&segment_header(id))
+        .map_err(io("write segment header"))?;
     // The header and the new directory entry must be durable before any record in
     // this segment is acknowledged.
     f.sync_all().map_err(io("fsync segment"))?;
@@ -496,10 +513,12 @@ fn create_segment(path: &Path, id: u64) -> Result<File, SpoolError> {
 
 /// Replays one segment into the index; returns the space units its records use.
 fn replay_segment(id: u64, path: &Path, index: &mut Index) -> Result<u64, SpoolError> {
-    let io = |what| move |source| SpoolError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
+    let io = |what| {
+        move |source| SpoolError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
     };
     let file = OpenOptions::new()
         .read(true)
@@ -507,7 +526,7 @@ fn replay_segment(id: u64, path: &Path, index: &mut Index) -> Result<u64, SpoolE
         .open(path)
         .map_err(io("open segment"))?;
     let len = file.metadata().map_err(io("stat segment"))?.len();
-    let mut header = [0u8; SEGMENT_HEADER as usize];
+    let mut header = [0u8; SEGMENT_HEADER_LEN];
     if len < SEGMENT_HEADER
         || file.read_exact_at(&mut header, 0).is_err()
         || header != segment_header(id)

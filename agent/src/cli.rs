@@ -1,0 +1,210 @@
+//! Command line of `boomerang-agent`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use boomerang_common::config::{
+    init_logging, load_toml, parse_id_path, shutdown_on_signals, TlsArgs,
+};
+use boomerang_common::message::{Message, Role};
+use boomerang_common::transport;
+use clap::{Parser, Subcommand};
+use tracing::{error, info};
+
+use crate::config::{AgentConfig, DiskConfig};
+use crate::link::PsLink;
+use crate::sync::{SyncReport, Syncer, Wait};
+
+/// Boomerang agent: tracks and ships the changes of this machine's disks.
+#[derive(Debug, Parser)]
+#[command(name = "boomerang-agent", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Sync every disk once against the replica's hashes, then exit.
+    Sync(Args),
+    /// Sync every disk now and then every --interval seconds, until SIGTERM.
+    Run {
+        #[command(flatten)]
+        args: Args,
+        /// Seconds between syncs.
+        #[arg(long)]
+        interval: Option<u64>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Args {
+    /// TOML configuration file (see AgentConfig for every field and its default).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Process server address.
+    #[arg(long = "ps")]
+    process_server: Option<std::net::SocketAddr>,
+    /// State directory.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// A disk to protect, as ID=PATH (image file or block device); repeatable.
+    #[arg(long = "disk", value_parser = parse_id_path)]
+    disks: Vec<(String, PathBuf)>,
+    /// Consistency group.
+    #[arg(long)]
+    group: Option<String>,
+    /// Freeze this mounted file system for the final pass (app-consistent cut); repeatable.
+    #[arg(long)]
+    freeze: Vec<PathBuf>,
+    /// Chunk size in KiB.
+    #[arg(long)]
+    chunk_kib: Option<u32>,
+    /// zstd level (0 = off).
+    #[arg(long)]
+    level: Option<i32>,
+    /// Return once the process server holds the data, without waiting for the master target.
+    #[arg(long)]
+    no_wait: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+impl Args {
+    fn config(&self) -> anyhow::Result<AgentConfig> {
+        let mut c: AgentConfig = match &self.config {
+            Some(p) => load_toml(p).map_err(anyhow::Error::msg)?,
+            None => AgentConfig::default(),
+        };
+        if let Some(v) = self.process_server {
+            c.process_server = v;
+        }
+        if let Some(v) = &self.state_dir {
+            c.state_dir.clone_from(v);
+        }
+        for (id, path) in &self.disks {
+            c.disks.push(DiskConfig {
+                id: id.clone(),
+                path: path.clone(),
+            });
+        }
+        if let Some(v) = &self.group {
+            c.group.clone_from(v);
+        }
+        c.freeze.extend(self.freeze.iter().cloned());
+        if let Some(v) = self.chunk_kib {
+            c.chunk_kib = v;
+        }
+        if let Some(v) = self.level {
+            c.compression_level = v;
+        }
+        self.tls.apply(&mut c.tls, &mut c.name);
+        c.validate()
+            .map_err(anyhow::Error::msg)
+            .context("invalid configuration")?;
+        Ok(c)
+    }
+}
+
+/// Entry point: parse, run, and turn any error into a one-line reason and exit 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging("info");
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("boomerang-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let (args, interval) = match cli.command {
+        Command::Sync(a) => (a, None),
+        Command::Run { args, interval } => (args, Some(interval)),
+    };
+    let config = args.config()?;
+    let wait = if args.no_wait {
+        Wait::ProcessServer
+    } else {
+        Wait::MasterTarget
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(async move {
+            let shutdown = shutdown_on_signals();
+            let endpoint = transport::client_endpoint(&config.tls).context("setting up QUIC")?;
+            let hello = Message::Hello {
+                role: Role::Agent,
+                name: config.name.clone(),
+                software: env!("CARGO_PKG_VERSION").into(),
+            };
+            let link = Arc::new(PsLink::new(
+                endpoint,
+                config.process_server,
+                hello,
+                Duration::from_secs(config.retry_secs),
+            ));
+            let every = interval.map(|i| Duration::from_secs(i.unwrap_or(config.interval_secs)));
+            let syncer = Syncer::new(config, link.clone(), shutdown.clone());
+            let result = loop {
+                let r = syncer.sync(wait).await;
+                match (&r, every) {
+                    (Ok(report), _) => print_report(report, args.json),
+                    (Err(e), Some(_)) => error!(error = %format!("{e:#}"), "sync failed; retrying at the next interval"),
+                    (Err(_), None) => {}
+                }
+                let Some(every) = every else { break r.map(|_| ()) };
+                let mut sd = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = sd.changed() => break Ok(()),
+                }
+                if *shutdown.borrow() {
+                    break Ok(());
+                }
+            };
+            link.close().await;
+            result
+        })
+}
+
+fn print_report(report: &SyncReport, json: bool) {
+    if json {
+        match serde_json::to_string(report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => error!(error = %e, "cannot print the report"),
+        }
+        return;
+    }
+    for d in &report.disks {
+        println!(
+            "disk {}: read {} MiB, changed {} MiB in {} chunks ({} zero), payload {} MiB, tag {:?} at seq {:?}",
+            d.disk,
+            d.bytes_read >> 20,
+            d.bytes_changed >> 20,
+            d.chunks_changed,
+            d.chunks_zero,
+            d.bytes_payload >> 20,
+            d.tag,
+            d.tag_seq
+        );
+    }
+    let read: u64 = report.disks.iter().map(|d| d.bytes_read).sum();
+    println!(
+        "synced in {:.2} s: {:.0} MB/s read, {} bytes on the wire",
+        report.seconds,
+        read as f64 / report.seconds.max(1e-9) / 1e6,
+        report.wire_tx_bytes
+    );
+    info!(seconds = report.seconds, "sync done");
+}

@@ -1,0 +1,151 @@
+//! The agent's configuration (TOML, every field defaulted).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use boomerang_common::config::TlsPaths;
+use boomerang_common::message::CHUNK_SIZE_RANGE;
+use serde::{Deserialize, Serialize};
+
+/// One protected disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Stable disk id (A-Z a-z 0-9 . _ -).
+    pub id: String,
+    /// Image file or block device.
+    pub path: PathBuf,
+}
+
+/// `boomerang-agent` configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This agent's name (its certificate is `<name>.pem`).
+    /// Default: `agent`.
+    pub name: String,
+    /// Process server address.
+    /// Default: `127.0.0.1:7701`.
+    pub process_server: SocketAddr,
+    /// Where the agent keeps its per-disk state.
+    /// Default: `/var/lib/boomerang-agent`.
+    pub state_dir: PathBuf,
+    /// Consistency group of this agent's disks.
+    /// Default: the agent's name.
+    pub group: String,
+    /// Disks to protect. Default: none.
+    pub disks: Vec<DiskConfig>,
+    /// Chunk size in KiB (hash and ship granularity; power of two, 4 to 4096).
+    /// Default: 64.
+    pub chunk_kib: u32,
+    /// zstd level (0 = no compression).
+    /// Default: 1.
+    pub compression_level: i32,
+    /// Raw bytes per batch in MiB.
+    /// Default: 4.
+    pub batch_mib: u32,
+    /// Batches in flight to the process server.
+    /// Default: 8.
+    pub in_flight: usize,
+    /// Worker threads hashing and compressing.
+    /// Default: the number of cores.
+    pub workers: usize,
+    /// Mount points to freeze for the final pass of a sync (app-consistent cut).
+    /// Default: none.
+    pub freeze: Vec<PathBuf>,
+    /// Longest a freeze may hold writes, in seconds; then it is undone and the
+    /// app-consistent point abandoned.
+    /// Default: 60.
+    pub freeze_deadline_secs: f64,
+    /// How long a request keeps retrying an unreachable process server, in seconds.
+    /// Default: 600.
+    pub retry_secs: u64,
+    /// Seconds between syncs in `run` mode.
+    /// Default: 300.
+    pub interval_secs: u64,
+    /// TLS identity. Default: none (set it, or pass --pki-dir).
+    pub tls: TlsPaths,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            name: "agent".into(),
+            process_server: SocketAddr::from(([127, 0, 0, 1], 7701)),
+            state_dir: PathBuf::from("/var/lib/boomerang-agent"),
+            group: String::new(),
+            disks: Vec::new(),
+            chunk_kib: 64,
+            compression_level: 1,
+            batch_mib: 4,
+            in_flight: 8,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            freeze: Vec::new(),
+            freeze_deadline_secs: 60.0,
+            retry_secs: 600,
+            interval_secs: 300,
+            tls: TlsPaths::default(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Checks the configuration before anything starts.
+    pub fn validate(&self) -> Result<(), String> {
+        self.tls.validate()?;
+        if self.disks.is_empty() {
+            return Err(
+                "no disks to protect: add [[disks]] to the config or pass --disk ID=PATH".into(),
+            );
+        }
+        for d in &self.disks {
+            boomerang_common::delta::validate_disk_id(&d.id)?;
+        }
+        let cs = self.chunk_kib.saturating_mul(1024);
+        if !cs.is_power_of_two() || cs < CHUNK_SIZE_RANGE.0 || cs > CHUNK_SIZE_RANGE.1 {
+            return Err(format!(
+                "chunk_kib = {} must be a power of two from 4 to 4096",
+                self.chunk_kib
+            ));
+        }
+        if self.batch_mib == 0
+            || self.batch_mib > 16
+            || u64::from(self.batch_mib) * 1024 < u64::from(self.chunk_kib)
+        {
+            return Err(format!(
+                "batch_mib = {} must be 1 to 16 and hold at least one chunk",
+                self.batch_mib
+            ));
+        }
+        if !(0..=19).contains(&self.compression_level) {
+            return Err(format!(
+                "compression_level = {} must be 0 to 19",
+                self.compression_level
+            ));
+        }
+        if self.in_flight == 0 || self.in_flight > 64 {
+            return Err("in_flight must be 1 to 64".into());
+        }
+        if self.workers == 0 || self.workers > 256 {
+            return Err("workers must be 1 to 256".into());
+        }
+        if self.freeze_deadline_secs.is_nan() || self.freeze_deadline_secs <= 0.0 {
+            return Err("freeze_deadline_secs must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Chunk size in bytes.
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_kib * 1024
+    }
+
+    /// The group tags carry.
+    pub fn group(&self) -> String {
+        if self.group.is_empty() {
+            self.name.clone()
+        } else {
+            self.group.clone()
+        }
+    }
+}
