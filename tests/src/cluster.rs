@@ -1,0 +1,254 @@
+//! A master target and a process server, started in that order on free localhost
+//! ports, sharing one [`TestPki`] and one scratch directory; plus running agent syncs
+//! and master-target status against them.
+//!
+//! Scratch layout: `mt-state/`, `ps-spool/`, `agent-<name>/` (agent state),
+//! `logs/<label>.log` (each daemon's and agent's output), and whatever the test puts
+//! under [`Cluster::root`] (images, mount points).
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tempfile::TempDir;
+
+use crate::cli::{self, AgentSyncArgs, MtRunArgs, MtStatus, PsRunArgs, SyncReport};
+use crate::pki::{TestPki, STANDARD_PEERS};
+use crate::process::{
+    bin, describe, failure_message, run, run_json, scratch_dir, Daemon, DaemonSpec,
+};
+
+const MT_NAME: &str = "mt1";
+const PS_NAME: &str = "ps1";
+
+/// What differs between test clusters.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterConfig {
+    /// `--replica DISK=PATH` for the master target.
+    pub replicas: Vec<(String, PathBuf)>,
+    /// `--spool-max-mib` for the process server.
+    pub spool_max_mib: Option<u64>,
+    /// Extra master-target arguments.
+    pub mt_extra: Vec<OsString>,
+    /// Extra process-server arguments.
+    pub ps_extra: Vec<OsString>,
+    /// Certificates to issue besides agent1/ps1/mt1: `(name, role)`.
+    pub extra_peers: Vec<(String, String)>,
+}
+
+/// A running master target (`mt1`) and process server (`ps1`) with an enrolled
+/// `agent1`. Dropping it kills both daemons, then removes the PKI and scratch.
+#[derive(Debug)]
+pub struct Cluster {
+    // Field order is drop order: processes die before their directories go.
+    ps: Daemon,
+    mt: Daemon,
+    pki: TestPki,
+    root: TempDir,
+}
+
+impl Cluster {
+    /// Issues the PKI, starts the master target, then the process server pointed at it.
+    pub fn start(config: ClusterConfig) -> Cluster {
+        let root = scratch_dir("cluster");
+        let pki = TestPki::standard();
+        for (name, role) in &config.extra_peers {
+            pki.issue(name, role);
+        }
+        let any_port: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+        let mt_args = MtRunArgs {
+            listen: any_port,
+            pki_dir: pki.dir().to_path_buf(),
+            name: MT_NAME.to_string(),
+            state_dir: root.path().join("mt-state"),
+            replicas: config.replicas.clone(),
+            extra: config.mt_extra.clone(),
+        };
+        let mt = Daemon::start(daemon_spec(
+            root.path(),
+            "mt",
+            cli::MT_BIN,
+            mt_args.to_args(),
+        ));
+        let ps_args = PsRunArgs {
+            listen: any_port,
+            pki_dir: pki.dir().to_path_buf(),
+            name: PS_NAME.to_string(),
+            spool_dir: root.path().join("ps-spool"),
+            master_target: mt.addr(),
+            spool_max_mib: config.spool_max_mib,
+            extra: config.ps_extra.clone(),
+        };
+        let ps = Daemon::start(daemon_spec(
+            root.path(),
+            "ps",
+            cli::PS_BIN,
+            ps_args.to_args(),
+        ));
+        Cluster { ps, mt, pki, root }
+    }
+
+    /// The scratch directory, for the test's own files.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Where daemon and agent logs go.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.root().join("logs")
+    }
+
+    /// The PKI.
+    pub fn pki(&self) -> &TestPki {
+        &self.pki
+    }
+
+    /// The master target daemon.
+    pub fn mt(&mut self) -> &mut Daemon {
+        &mut self.mt
+    }
+
+    /// The process server daemon.
+    pub fn ps(&mut self) -> &mut Daemon {
+        &mut self.ps
+    }
+
+    /// The master target's address.
+    pub fn mt_addr(&self) -> SocketAddr {
+        self.mt.addr()
+    }
+
+    /// The process server's address.
+    pub fn ps_addr(&self) -> SocketAddr {
+        self.ps.addr()
+    }
+
+    /// The master target's `--state-dir`.
+    pub fn mt_state_dir(&self) -> PathBuf {
+        self.root().join("mt-state")
+    }
+
+    /// The process server's `--spool-dir`.
+    pub fn ps_spool_dir(&self) -> PathBuf {
+        self.root().join("ps-spool")
+    }
+
+    /// Restarts the master target on the same address and state (SIGKILLing it first
+    /// if it still runs: call [`Daemon::terminate`] before for a clean stop).
+    pub fn restart_mt(&mut self) {
+        self.mt.kill9();
+        let spec = rebind(self.mt.spec(), self.mt.addr());
+        self.mt = Daemon::start(spec);
+    }
+
+    /// Restarts the process server on the same address and spool, like
+    /// [`Cluster::restart_mt`].
+    pub fn restart_ps(&mut self) {
+        self.ps.kill9();
+        let spec = rebind(self.ps.spec(), self.ps.addr());
+        self.ps = Daemon::start(spec);
+    }
+
+    /// Sync arguments for agent `name` (enrolled in the PKI) against this process
+    /// server, with state in `agent-<name>/` and `--json`; add disks to it.
+    pub fn agent(&self, name: &str) -> AgentSyncArgs {
+        AgentSyncArgs {
+            ps: self.ps_addr(),
+            pki_dir: self.pki.dir().to_path_buf(),
+            name: name.to_string(),
+            state_dir: self.root().join(format!("agent-{name}")),
+            disks: Vec::new(),
+            group: None,
+            freeze: Vec::new(),
+            json: true,
+            extra: Vec::new(),
+        }
+    }
+
+    /// [`Cluster::agent`] for the standard `agent1`.
+    pub fn agent1(&self) -> AgentSyncArgs {
+        self.agent(STANDARD_PEERS[0].0)
+    }
+
+    /// The agent command for `args`, with the daemons' log environment.
+    pub fn agent_command(&self, args: &AgentSyncArgs) -> Command {
+        boomerang_command(cli::AGENT_BIN, args.to_args())
+    }
+
+    /// Runs one agent sync and returns its output whatever the exit status (for tests
+    /// that expect a refusal). Its stderr is appended to `logs/agent-<name>.log`.
+    pub fn agent_sync_output(&self, args: &AgentSyncArgs) -> Output {
+        let mut cmd = self.agent_command(args);
+        let out = run(&mut cmd);
+        self.append_log(&format!("agent-{}", args.name), &cmd, &out);
+        out
+    }
+
+    /// Runs one agent sync (forcing `--json`), panics unless it exits 0, and returns its
+    /// report.
+    pub fn agent_sync(&self, args: &AgentSyncArgs) -> SyncReport {
+        let args = AgentSyncArgs {
+            json: true,
+            ..args.clone()
+        };
+        let mut cmd = self.agent_command(&args);
+        let out = run(&mut cmd);
+        self.append_log(&format!("agent-{}", args.name), &cmd, &out);
+        if !out.status.success() {
+            panic!("{}", failure_message(&cmd, &out));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!("`{}` printed invalid JSON ({e}):\n{stdout}", describe(&cmd))
+        });
+        SyncReport::from_json(&json)
+    }
+
+    /// `boomerang-mt status --json` on this master target's state.
+    pub fn mt_status(&self) -> MtStatus {
+        let json = run_json(&mut boomerang_command(
+            cli::MT_BIN,
+            cli::mt_status_args(&self.mt_state_dir()),
+        ));
+        MtStatus::from_json(&json)
+    }
+
+    fn append_log(&self, label: &str, cmd: &Command, out: &Output) {
+        let path = self.logs_dir().join(format!("{label}.log"));
+        let _ = std::fs::create_dir_all(self.logs_dir());
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path);
+        if let Ok(mut file) = file {
+            let _ = writeln!(file, "=== `{}`: {}", describe(cmd), out.status);
+            let _ = file.write_all(&out.stderr);
+        }
+    }
+}
+
+/// A Boomerang binary command with `RUST_LOG=info` and `RUST_BACKTRACE=1`.
+pub fn boomerang_command(name: &str, args: Vec<OsString>) -> Command {
+    let mut cmd = Command::new(bin(name));
+    cmd.args(args)
+        .env("RUST_LOG", "info")
+        .env("RUST_BACKTRACE", "1");
+    cmd
+}
+
+fn daemon_spec(root: &Path, label: &str, bin_name: &str, args: Vec<OsString>) -> DaemonSpec {
+    DaemonSpec::new(label, bin(bin_name), &root.join("logs")).args(args)
+}
+
+/// The same spec listening on `addr` instead of what `--listen` said.
+fn rebind(spec: &DaemonSpec, addr: SocketAddr) -> DaemonSpec {
+    let mut args = spec.args_list().to_vec();
+    let at = args
+        .iter()
+        .position(|a| a == "--listen")
+        .expect("daemon arguments carry --listen");
+    args[at + 1] = addr.to_string().into();
+    spec.clone().with_args(args)
+}
