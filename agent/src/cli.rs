@@ -66,6 +66,9 @@ struct Args {
     /// zstd level (0 = off).
     #[arg(long)]
     level: Option<i32>,
+    /// Give up on an unreachable process server after this many seconds.
+    #[arg(long)]
+    retry_secs: Option<u64>,
     /// Return once the process server holds the data, without waiting for the master target.
     #[arg(long)]
     no_wait: bool,
@@ -100,6 +103,9 @@ impl Args {
         c.freeze.extend(self.freeze.iter().cloned());
         if let Some(v) = self.chunk_kib {
             c.chunk_kib = v;
+        }
+        if let Some(v) = self.retry_secs {
+            c.retry_secs = v;
         }
         if let Some(v) = self.level {
             c.compression_level = v;

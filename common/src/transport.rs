@@ -254,9 +254,17 @@ pub async fn connect(
             addr,
             reason: e.to_string(),
         })?;
-    let conn = connecting.await.map_err(|e| TransportError::Connect {
-        addr,
-        reason: e.to_string(),
+    let conn = connecting.await.map_err(|e| {
+        if is_tls_refusal(&e) {
+            TransportError::Refused(format!(
+                "{addr} refused the TLS handshake ({e}): are both certificates issued by this deployment's CA, and is it a {expected}?"
+            ))
+        } else {
+            TransportError::Connect {
+                addr,
+                reason: e.to_string(),
+            }
+        }
     })?;
     match request(&conn, my_hello).await? {
         Message::Hello { role, .. } if role == expected => Ok(conn),
@@ -269,6 +277,20 @@ pub async fn connect(
             other.name()
         ))),
     }
+}
+
+/// Whether a failed connection was refused by TLS (a certificate problem: retrying
+/// will not help), as opposed to a network problem.
+pub fn is_tls_refusal(e: &quinn::ConnectionError) -> bool {
+    let code = match e {
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            return u64::from(c.error_code) == u64::from(CLOSE_REFUSED);
+        }
+        _ => return false,
+    };
+    (0x100..0x200).contains(&code)
 }
 
 /// Server side of the handshake: checks the certificate's role is one of `allowed`
