@@ -398,7 +398,7 @@ impl Syncer {
                 info!(disk = %disk.id, at = remote.next_seq, want = tag_seq + 1, "waiting for the master target to apply");
                 last_log = Instant::now();
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

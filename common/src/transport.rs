@@ -266,7 +266,22 @@ pub async fn connect(
             }
         }
     })?;
-    match request(&conn, my_hello).await? {
+    let answer = match request(&conn, my_hello).await {
+        Ok(a) => a,
+        Err(e) => {
+            // A server that refuses us closes the connection with its reason.
+            if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
+                if u64::from(c.error_code) == u64::from(CLOSE_REFUSED) {
+                    return Err(TransportError::Refused(format!(
+                        "{addr} refused us: {}",
+                        String::from_utf8_lossy(&c.reason)
+                    )));
+                }
+            }
+            return Err(e);
+        }
+    };
+    match answer {
         Message::Hello { role, .. } if role == expected => Ok(conn),
         Message::Hello { role, .. } => Err(TransportError::Refused(format!(
             "{addr} says it is a {role}, expected a {expected}"

@@ -461,7 +461,8 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> Arc<Disk> {
-        let replica = Arc::new(FileReplica::open_or_create(&dir.join("d0.img"), 1 << 20).expect("replica"));
+        let replica =
+            Arc::new(FileReplica::open_or_create(&dir.join("d0.img"), 1 << 20).expect("replica"));
         let rec = DiskRecord {
             disk: "d0".into(),
             group: "g".into(),
@@ -497,14 +498,30 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         let v0 = verify_batch(&batch(0, 1, 0, 0xaa), 1 << 20).expect("verifies");
-        assert_eq!(disk.apply_batch(1, 0, v0).await.expect("seq 0"), Outcome::Applied);
+        assert_eq!(
+            disk.apply_batch(1, 0, v0).await.expect("seq 0"),
+            Outcome::Applied
+        );
         assert_eq!(later.await.expect("join").expect("seq 1"), Outcome::Applied);
         assert_eq!(read(dir.path(), 0), 0xbb, "seq 1 applied after seq 0");
         // Resending seq 0 (as after a process-server crash) changes nothing.
         let again = verify_batch(&batch(0, 1, 0, 0xaa), 1 << 20).expect("verifies");
-        assert_eq!(disk.apply_batch(1, 0, again).await.expect("resend"), Outcome::Duplicate);
-        assert_eq!(read(dir.path(), 0), 0xbb, "the resend did not rewrite the chunk");
-        assert_eq!(disk.durable(), Position { generation: 1, next_seq: 2 });
+        assert_eq!(
+            disk.apply_batch(1, 0, again).await.expect("resend"),
+            Outcome::Duplicate
+        );
+        assert_eq!(
+            read(dir.path(), 0),
+            0xbb,
+            "the resend did not rewrite the chunk"
+        );
+        assert_eq!(
+            disk.durable(),
+            Position {
+                generation: 1,
+                next_seq: 2
+            }
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -525,10 +542,19 @@ mod tests {
         disk.apply_tag(&tag).await.expect("tag");
         assert!(disk.record().cut.is_some());
         let v = verify_batch(&batch(0, 2, 65536, 2), 1 << 20).expect("verifies");
-        assert_eq!(disk.apply_batch(2, 0, v).await.expect("gen 2"), Outcome::Applied);
-        assert!(disk.record().cut.is_none(), "a new generation is inconsistent until its tag");
+        assert_eq!(
+            disk.apply_batch(2, 0, v).await.expect("gen 2"),
+            Outcome::Applied
+        );
+        assert!(
+            disk.record().cut.is_none(),
+            "a new generation is inconsistent until its tag"
+        );
         let stale = verify_batch(&batch(1, 1, 0, 9), 1 << 20).expect("verifies");
-        assert_eq!(disk.apply_batch(1, 1, stale).await.expect("stale"), Outcome::Obsolete);
+        assert_eq!(
+            disk.apply_batch(1, 1, stale).await.expect("stale"),
+            Outcome::Obsolete
+        );
         assert_eq!(read(dir.path(), 0), 1, "an obsolete batch is not written");
     }
 
@@ -543,7 +569,13 @@ mod tests {
             }
         }
         let st = StateFile::<DiskRecord>::open(&dir.path().join("d0.state")).expect("reopen");
-        assert_eq!(st.get().position, Position { generation: 1, next_seq: 5 });
+        assert_eq!(
+            st.get().position,
+            Position {
+                generation: 1,
+                next_seq: 5
+            }
+        );
         assert_eq!(st.get().bytes_applied, 5 * 65536);
     }
 

@@ -21,8 +21,8 @@ pub struct QuickstartArgs {
     #[arg(long, default_value_t = 384)]
     pub size_mib: u64,
     /// Percent of the disk to change between the two syncs.
-    #[arg(long, default_value_t = 3.0)]
-    pub change_percent: f64,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=50))]
+    pub change_percent: u64,
     /// Work directory (default: a new temporary directory, removed afterwards).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
@@ -52,7 +52,10 @@ impl Drop for Daemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        eprintln!("quickstart: {} did not stop on SIGTERM and was killed", self.name);
+        eprintln!(
+            "quickstart: {} did not stop on SIGTERM and was killed",
+            self.name
+        );
     }
 }
 
@@ -65,15 +68,24 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn start(name: &'static str, bin: &Path, args: &[String], log: &Path) -> anyhow::Result<(Daemon, String)> {
-    let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+fn start(
+    name: &'static str,
+    bin: &Path,
+    args: &[String],
+    log: &Path,
+) -> anyhow::Result<(Daemon, String)> {
+    let log_file =
+        std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let mut child = Command::new(bin)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(log_file)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout from {name}"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no stdout from {name}"))?;
     let daemon = Daemon { name, child };
     let mut line = String::new();
     BufReader::new(stdout)
@@ -105,7 +117,9 @@ fn stage_files(dir: &Path, budget: u64) -> anyhow::Result<u64> {
     let mut stack = vec![PathBuf::from("/usr/share"), PathBuf::from("/usr/lib")];
     let mut n = 0u64;
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         let mut entries: Vec<_> = entries.flatten().collect();
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
@@ -176,7 +190,13 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(done)
 }
 
-fn sync(agent: &Path, ps: &str, work: &Path, disk: &Path, log: &Path) -> anyhow::Result<serde_json::Value> {
+fn sync(
+    agent: &Path,
+    ps: &str,
+    work: &Path,
+    disk: &Path,
+    log: &Path,
+) -> anyhow::Result<serde_json::Value> {
     let log_file = std::fs::File::create(log)?;
     let out = Command::new(agent)
         .args(["sync", "--ps", ps, "--pki-dir"])
@@ -201,6 +221,46 @@ fn field(v: &serde_json::Value, disk_field: &str) -> u64 {
 
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+/// Makes an ext4 image of `size` bytes at `disk`, about 55 % full of this machine's
+/// files from /usr (`mkfs.ext4 -d`, no root needed), the rest free and zero. Stages
+/// the files under `scratch`. Returns the bytes of files staged.
+pub fn make_sample_disk(disk: &Path, size: u64, scratch: &Path) -> anyhow::Result<u64> {
+    let staging = scratch.join("staging");
+    std::fs::create_dir_all(&staging)?;
+    let staged = stage_files(&staging, size * 55 / 100)?;
+    std::fs::File::create(disk)?.set_len(size)?;
+    run_tool(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+            .arg(&staging)
+            .arg(disk),
+        "mkfs.ext4 -d (package e2fsprogs)",
+    )?;
+    std::fs::remove_dir_all(&staging)?;
+    Ok(staged)
+}
+
+/// Adds `bytes` of new incompressible files to the ext4 image `disk` with
+/// `debugfs -w` (no root needed), in four files.
+pub fn add_files(disk: &Path, bytes: u64, scratch: &Path) -> anyhow::Result<()> {
+    let files = 4u64;
+    let seed = boomerang_common::config::now_ms();
+    for i in 0..files {
+        let name = format!("boomerang-new-{seed}-{i}.bin");
+        let src = scratch.join(&name);
+        pseudo_random_file(&src, bytes / files, seed + i)?;
+        run_tool(
+            Command::new("debugfs")
+                .args(["-w", "-R"])
+                .arg(format!("write {} {name}", src.display()))
+                .arg(disk),
+            "debugfs -w (package e2fsprogs)",
+        )?;
+        std::fs::remove_file(&src)?;
+    }
+    Ok(())
 }
 
 /// Runs the quickstart.
@@ -234,24 +294,26 @@ fn run_in(args: &QuickstartArgs, work: &Path) -> anyhow::Result<()> {
     let ps_bin = sibling_binary("boomerang-ps")?;
     let mt_bin = std::env::current_exe()?;
     let pki_dir = work.join("pki");
-    println!("[1/6] deployment CA and certificates in {}", pki_dir.display());
+    println!(
+        "[1/6] deployment CA and certificates in {}",
+        pki_dir.display()
+    );
     pki::init_ca(&pki_dir)?;
-    for (role, name) in [(Role::Agent, "agent1"), (Role::Ps, "ps1"), (Role::Mt, "mt1")] {
+    for (role, name) in [
+        (Role::Agent, "agent1"),
+        (Role::Ps, "ps1"),
+        (Role::Mt, "mt1"),
+    ] {
         pki::issue(&pki_dir, role, name, &pki_dir)?;
     }
 
     let disk = work.join("sample-disk.img");
     let size = args.size_mib << 20;
-    println!("[2/6] sample disk: {} MiB ext4 image with files from /usr and free (zero) space", args.size_mib);
-    let staging = work.join("staging");
-    std::fs::create_dir_all(&staging)?;
-    let staged = stage_files(&staging, size * 55 / 100)?;
-    std::fs::File::create(&disk)?.set_len(size)?;
-    run_tool(
-        Command::new("mkfs.ext4").args(["-q", "-F", "-E", "root_owner=0:0", "-d"]).arg(&staging).arg(&disk),
-        "mkfs.ext4 -d (package e2fsprogs)",
-    )?;
-    std::fs::remove_dir_all(&staging)?;
+    println!(
+        "[2/6] sample disk: {} MiB ext4 image with files from /usr and free (zero) space",
+        args.size_mib
+    );
+    let staged = make_sample_disk(&disk, size, work)?;
     println!("      {} of files staged", mib(staged));
 
     println!("[3/6] master target and process server on loopback");
@@ -295,21 +357,12 @@ fn run_in(args: &QuickstartArgs, work: &Path) -> anyhow::Result<()> {
     let first = sync(&agent, &ps_addr, work, &disk, &work.join("agent-1.log"))?;
     report_line(&first);
 
-    let change = ((size as f64) * args.change_percent / 100.0) as u64;
-    println!("[5/6] adding {} of new files to the disk (debugfs -w), then syncing the delta", mib(change));
-    let files = 4u64;
-    for i in 0..files {
-        let src = work.join(format!("new-{i}.bin"));
-        pseudo_random_file(&src, change / files, 0x5eed + i)?;
-        run_tool(
-            Command::new("debugfs")
-                .args(["-w", "-R"])
-                .arg(format!("write {} quickstart-new-{i}.bin", src.display()))
-                .arg(&disk),
-            "debugfs -w (package e2fsprogs)",
-        )?;
-        std::fs::remove_file(&src)?;
-    }
+    let change = size / 100 * args.change_percent;
+    println!(
+        "[5/6] adding {} of new files to the disk (debugfs -w), then syncing the delta",
+        mib(change)
+    );
+    add_files(&disk, change, work)?;
     let second = sync(&agent, &ps_addr, work, &disk, &work.join("agent-2.log"))?;
     report_line(&second);
 
@@ -319,22 +372,40 @@ fn run_in(args: &QuickstartArgs, work: &Path) -> anyhow::Result<()> {
     let fsck = Command::new("e2fsck").args(["-fn"]).arg(&replica).output();
     let fsck_ok = matches!(&fsck, Ok(o) if o.status.success());
     println!();
-    println!("bytes read:      {} + {}", mib(field(&first, "bytes_read")), mib(field(&second, "bytes_read")));
-    println!("bytes changed:   {} + {}", mib(field(&first, "bytes_changed")), mib(field(&second, "bytes_changed")));
+    println!(
+        "bytes read:      {} + {}",
+        mib(field(&first, "bytes_read")),
+        mib(field(&second, "bytes_read"))
+    );
+    println!(
+        "bytes changed:   {} + {}",
+        mib(field(&first, "bytes_changed")),
+        mib(field(&second, "bytes_changed"))
+    );
     println!(
         "bytes on wire:   {} + {}",
         mib(first["wire_tx_bytes"].as_u64().unwrap_or(0)),
         mib(second["wire_tx_bytes"].as_u64().unwrap_or(0))
     );
-    println!("throughput:      {:.0} MB/s initial, {:.0} MB/s delta (raw disk bytes per second)", rate(&first), rate(&second));
+    println!(
+        "throughput:      {:.0} MB/s initial, {:.0} MB/s delta (raw disk bytes per second)",
+        rate(&first),
+        rate(&second)
+    );
     if same && fsck_ok {
         println!("result:          VERIFIED: replica identical to the source byte for byte (blake3 {}), e2fsck clean", &hash[..16]);
         Ok(())
     } else if same {
-        println!("result:          VERIFIED byte for byte (blake3 {}); e2fsck not run or unavailable", &hash[..16]);
+        println!(
+            "result:          VERIFIED byte for byte (blake3 {}); e2fsck not run or unavailable",
+            &hash[..16]
+        );
         Ok(())
     } else {
-        bail!("the replica differs from the source: see the logs in {}", work.display())
+        bail!(
+            "the replica differs from the source: see the logs in {}",
+            work.display()
+        )
     }
 }
 

@@ -3,7 +3,7 @@
 //! several in flight at once, in order per disk, and deletes each from the spool only
 //! after the master target's durable ack. Also relays the agents' control requests.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,6 +83,7 @@ pub async fn forward_loop(
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut in_flight: BTreeSet<Key> = BTreeSet::new();
+    let mut sent: HashMap<String, (u64, u64)> = HashMap::new();
     let mut tasks: JoinSet<(Key, Result<Message, String>)> = JoinSet::new();
     let mut warned = false;
     loop {
@@ -111,7 +112,7 @@ pub async fn forward_loop(
         // Fill the window.
         let free = window.saturating_sub(in_flight.len());
         if free > 0 {
-            for key in spool.next_unsent(&in_flight, free) {
+            for key in spool.next_unsent(&in_flight, free, &mut sent) {
                 let frame = match spool.read(&key) {
                     Ok(Some(f)) => f,
                     Ok(None) => continue,

@@ -306,6 +306,10 @@ impl Spool {
             (idx.active, seg.file.clone(), seg.file.metadata()?.len())
         };
         let mut placed: Vec<(usize, Entry)> = Vec::with_capacity(group.len());
+        // Segments closed by this group: retired (if empty) only after this group's
+        // records are in the index, or a closing segment would look empty and be
+        // deleted with records just written and about to be acknowledged in it.
+        let mut closed: Vec<u64> = Vec::new();
         for (i, a) in group.iter().enumerate() {
             if offset >= SEGMENT_TARGET {
                 // Records in the closing segment must be durable before we ack them.
@@ -322,7 +326,7 @@ impl Spool {
                     },
                 );
                 self.lock().active = next;
-                self.retire_if_empty(active);
+                closed.push(active);
                 active = next;
                 file = f;
                 offset = SEGMENT_HEADER;
@@ -355,6 +359,10 @@ impl Spool {
                 self.space.add_permits(old.units as usize);
             }
         }
+        drop(idx);
+        for id in closed {
+            self.retire_if_empty(id);
+        }
         Ok(())
     }
 
@@ -370,20 +378,53 @@ impl Spool {
         }
     }
 
-    /// Up to `max` keys not in `in_flight`, in order per disk, round-robin over disks.
-    pub fn next_unsent(&self, in_flight: &BTreeSet<Key>, max: usize) -> Vec<Key> {
+    /// Up to `max` keys to forward next: not in `in_flight`, in order per disk,
+    /// round-robin over disks, and never past a gap. `sent` holds, per disk, the
+    /// highest `(generation, seq)` handed out so far; a key is eligible when it is at
+    /// or below it (a resend), right after it, or the start (seq 0) of a newer
+    /// generation. The master target applies strictly in order, so sending past a
+    /// missing seq would only fill the window with records it must hold back while
+    /// the missing one (still on its way from the agent) could not be sent.
+    pub fn next_unsent(
+        &self,
+        in_flight: &BTreeSet<Key>,
+        max: usize,
+        sent: &mut HashMap<String, (u64, u64)>,
+    ) -> Vec<Key> {
         let idx = self.lock();
         let mut per_disk: BTreeMap<&str, Vec<&Key>> = BTreeMap::new();
+        let mut blocked: BTreeSet<&str> = BTreeSet::new();
+        let mut frontier: HashMap<&str, (u64, u64)> = HashMap::new();
         for key in idx.entries.keys() {
+            let disk = key.0.as_str();
+            if blocked.contains(disk) {
+                continue;
+            }
+            let here = (key.1, key.2);
+            let last = frontier
+                .get(disk)
+                .copied()
+                .or_else(|| sent.get(disk).copied());
+            let eligible = match last {
+                None => true,
+                Some((g, s)) => here <= (g, s) || here == (g, s + 1) || (key.1 > g && key.2 == 0),
+            };
+            if !eligible {
+                blocked.insert(disk);
+                continue;
+            }
+            if last.is_none_or(|l| here > l) {
+                frontier.insert(disk, here);
+            }
             if in_flight.contains(key) {
                 continue;
             }
-            let v = per_disk.entry(key.0.as_str()).or_default();
+            let v = per_disk.entry(disk).or_default();
             if v.len() < max {
                 v.push(key);
             }
         }
-        let mut out = Vec::with_capacity(max);
+        let mut out: Vec<Key> = Vec::with_capacity(max);
         let mut round = 0;
         while out.len() < max {
             let mut any = false;
@@ -401,6 +442,12 @@ impl Spool {
             }
             round += 1;
         }
+        for k in &out {
+            let e = sent.entry(k.0.clone()).or_insert((k.1, k.2));
+            if (k.1, k.2) > *e {
+                *e = (k.1, k.2);
+            }
+        }
         out
     }
 
@@ -412,7 +459,10 @@ impl Spool {
                 return Ok(None);
             };
             let Some(seg) = idx.segments.get(&e.segment) else {
-                return Ok(None);
+                return Err(io::Error::other(format!(
+                    "record {key:?} points at segment {} which is gone: the spool is damaged",
+                    e.segment
+                )));
             };
             (e, seg.file.clone())
         };
@@ -647,12 +697,15 @@ mod tests {
             .max()
             .expect("a segment");
         let half = tag(9).encode();
-        let mut f = OpenOptions::new().append(true).open(&newest).expect("open segment");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&newest)
+            .expect("open segment");
         f.write_all(&half[..half.len() / 2]).expect("write");
         drop(f);
 
         let spool = Spool::open(dir.path(), 64 << 20).expect("reopen");
-        let keys = spool.next_unsent(&BTreeSet::new(), 10);
+        let keys = spool.next_unsent(&BTreeSet::new(), 10, &mut HashMap::new());
         let seqs: Vec<u64> = keys.iter().map(|k| k.2).collect();
         // Seq 0 was acknowledged, but its segment is still live: it comes back and the
         // master target acknowledges it again as a duplicate. The torn seq 9 never does.
@@ -664,6 +717,89 @@ mod tests {
             std::fs::metadata(&newest).expect("stat").len(),
             SEGMENT_HEADER + whole,
             "the torn tail was cut off"
+        );
+    }
+
+    fn batch_of(seq: u64, len: usize) -> Message {
+        let data = vec![seq.to_le_bytes()[0]; len];
+        let mut enc = boomerang_common::delta::ExtentEncoder::new(0).expect("zstd");
+        Message::Batch(boomerang_common::Batch {
+            disk: "d0".into(),
+            generation: 1,
+            seq,
+            extents: vec![enc.encode(0, &data, boomerang_common::ChunkHash::of(&data))],
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_written_as_a_segment_closes_are_never_lost() {
+        // Fill most of a segment, have the master target acknowledge all of it, then
+        // append a group that crosses the segment boundary: the closing segment holds
+        // acknowledged-to-the-agent records and must not be retired.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), 1 << 30).expect("open");
+        let chunk = 4 << 20;
+        let mut seq = 0;
+        while (seq + 1) * (chunk as u64) < SEGMENT_TARGET - (chunk as u64) / 2 {
+            let m = batch_of(seq, chunk);
+            spool.append(&m, m.encode()).await.expect("append");
+            seq += 1;
+        }
+        for s in 0..seq {
+            spool.remove(&("d0".to_string(), 1, s));
+        }
+        let (a, b) = (batch_of(seq, chunk), batch_of(seq + 1, chunk));
+        let (ra, rb) = tokio::join!(spool.append(&a, a.encode()), spool.append(&b, b.encode()));
+        ra.expect("append a");
+        rb.expect("append b");
+        for s in [seq, seq + 1] {
+            assert!(
+                spool
+                    .read(&("d0".to_string(), 1, s))
+                    .expect("readable")
+                    .is_some(),
+                "seq {s} lost"
+            );
+        }
+        drop(spool);
+        let spool = Spool::open(dir.path(), 1 << 30).expect("reopen");
+        let keys = spool.next_unsent(&BTreeSet::new(), 100, &mut HashMap::new());
+        assert!(
+            keys.iter().any(|k| k.2 == seq) && keys.iter().any(|k| k.2 == seq + 1),
+            "{keys:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forwarding_never_runs_past_a_gap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), 64 << 20).expect("open");
+        for seq in [0u64, 1, 3, 4] {
+            let m = tag(seq);
+            spool.append(&m, m.encode()).await.expect("append");
+        }
+        let mut sent = HashMap::new();
+        let seqs = |keys: Vec<Key>| keys.into_iter().map(|k| k.2).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(spool.next_unsent(&BTreeSet::new(), 10, &mut sent)),
+            vec![0, 1]
+        );
+        // 0 and 1 acknowledged; 3 and 4 must wait for 2.
+        spool.remove(&("d0".to_string(), 1, 0));
+        spool.remove(&("d0".to_string(), 1, 1));
+        assert!(spool
+            .next_unsent(&BTreeSet::new(), 10, &mut sent)
+            .is_empty());
+        let m = tag(2);
+        spool.append(&m, m.encode()).await.expect("append");
+        assert_eq!(
+            seqs(spool.next_unsent(&BTreeSet::new(), 10, &mut sent)),
+            vec![2, 3, 4]
+        );
+        // A record sent before and still held (its forward failed) is eligible again.
+        assert_eq!(
+            seqs(spool.next_unsent(&BTreeSet::new(), 10, &mut sent)),
+            vec![2, 3, 4]
         );
     }
 
@@ -686,7 +822,8 @@ mod tests {
             spool.append(&m, m.encode()).await.expect("fits");
         }
         let m = big(2);
-        let blocked = tokio::time::timeout(Duration::from_millis(300), spool.append(&m, m.encode())).await;
+        let blocked =
+            tokio::time::timeout(Duration::from_millis(300), spool.append(&m, m.encode())).await;
         assert!(blocked.is_err(), "third record must wait for space");
         spool.remove(&("d0".to_string(), 1, 0));
         tokio::time::timeout(Duration::from_secs(5), spool.append(&m, m.encode()))
