@@ -149,3 +149,54 @@ impl AgentConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_config_parses_and_validates() -> Result<(), String> {
+        let c: AgentConfig = toml::from_str(
+            r#"
+            name = "vm1"
+            process_server = "10.0.0.5:7701"
+            state_dir = "/var/lib/boomerang-agent"
+            freeze = ["/"]
+            [tls]
+            ca = "/etc/boomerang/ca.pem"
+            cert = "/etc/boomerang/vm1.pem"
+            key = "/etc/boomerang/vm1.key"
+            [[disks]]
+            id = "vm1-disk0"
+            path = "/dev/vda"
+            "#,
+        )
+        .map_err(|e| e.to_string())?;
+        c.validate()?;
+        assert_eq!(c.chunk_size(), 65536);
+        assert_eq!(c.group(), "vm1");
+        Ok(())
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_field_named() {
+        let mut c = AgentConfig {
+            tls: TlsPaths::in_dir(std::path::Path::new("/pki"), "a"),
+            disks: vec![DiskConfig {
+                id: "d".into(),
+                path: "/dev/null".into(),
+            }],
+            ..AgentConfig::default()
+        };
+        assert!(c.validate().is_ok());
+        c.chunk_kib = 48;
+        assert!(c.validate().is_err_and(|e| e.contains("chunk_kib")));
+        c.chunk_kib = 64;
+        c.disks.clear();
+        assert!(c.validate().is_err_and(|e| e.contains("no disks")));
+        assert!(
+            toml::from_str::<AgentConfig>("chunk_kb = 64").is_err(),
+            "unknown fields are refused"
+        );
+    }
+}

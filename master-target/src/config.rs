@@ -53,3 +53,27 @@ impl MtConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_map_disks_to_devices_and_are_checked() -> Result<(), String> {
+        let c: MtConfig = toml::from_str(
+            "state_dir = \"/srv/mt\"\n[tls]\nca = \"c\"\ncert = \"m\"\nkey = \"k\"\n[replicas]\n\"vm1-disk0\" = \"/dev/sdb\"\n",
+        )
+        .map_err(|e| e.to_string())?;
+        c.validate()?;
+        assert_eq!(
+            c.replicas.get("vm1-disk0"),
+            Some(&PathBuf::from("/dev/sdb"))
+        );
+        let mut bad = c.clone();
+        bad.replicas.insert("../etc".into(), PathBuf::from("/x"));
+        assert!(bad.validate().is_err_and(|e| e.contains("replicas")));
+        let no_tls = MtConfig::default();
+        assert!(no_tls.validate().is_err_and(|e| e.contains("tls")));
+        Ok(())
+    }
+}

@@ -62,3 +62,24 @@ impl PsConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_what_the_file_leaves_out_and_bad_values_are_named() -> Result<(), String> {
+        let c: PsConfig = toml::from_str(
+            "master_target = \"192.0.2.1:7700\"\nspool_max_mib = 8192\n[tls]\nca = \"c\"\ncert = \"p\"\nkey = \"k\"\n",
+        )
+        .map_err(|e| e.to_string())?;
+        c.validate()?;
+        assert_eq!(c.forward_window, 16);
+        let small = PsConfig {
+            spool_max_mib: 1,
+            ..c
+        };
+        assert!(small.validate().is_err_and(|e| e.contains("spool_max_mib")));
+        Ok(())
+    }
+}
