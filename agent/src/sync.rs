@@ -133,6 +133,7 @@ impl Syncer {
     /// One sync of every configured disk.
     pub async fn sync(&self, wait: Wait) -> anyhow::Result<SyncReport> {
         let started = Instant::now();
+        let (tx0, rx0) = self.link.wire_bytes().await;
         std::fs::create_dir_all(&self.config.state_dir)
             .with_context(|| format!("creating state dir {}", self.config.state_dir.display()))?;
         let mut disks = Vec::new();
@@ -162,8 +163,8 @@ impl Syncer {
         let (tx, rx) = self.link.wire_bytes().await;
         let report = SyncReport {
             disks: disks.into_iter().map(|d| d.report).collect(),
-            wire_tx_bytes: tx,
-            wire_rx_bytes: rx,
+            wire_tx_bytes: tx - tx0,
+            wire_rx_bytes: rx - rx0,
             seconds: started.elapsed().as_secs_f64(),
         };
         if let Some(why) = abandoned {
