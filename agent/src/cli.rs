@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use boomerang_common::config::{
-    init_logging, load_toml, parse_id_path, shutdown_on_signals, TlsArgs,
+    exit_code, init_logging, load_toml, parse_id_path, runtime, shutdown_on_signals, TlsArgs,
 };
 use boomerang_common::message::{Message, Role};
 use boomerang_common::transport;
@@ -122,13 +122,10 @@ impl Args {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging("info");
-    match dispatch(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("boomerang-agent: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code(
+        "boomerang-agent",
+        dispatch(cli).map_err(|e| format!("{e:#}")),
+    )
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -142,46 +139,46 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     } else {
         Wait::MasterTarget
     };
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(async move {
-            let shutdown = shutdown_on_signals();
-            let endpoint = transport::client_endpoint(&config.tls).context("setting up QUIC")?;
-            let hello = Message::Hello {
-                role: Role::Agent,
-                name: config.name.clone(),
-                software: env!("CARGO_PKG_VERSION").into(),
+    runtime().map_err(anyhow::Error::msg)?.block_on(async move {
+        let shutdown = shutdown_on_signals();
+        let endpoint = transport::client_endpoint(&config.tls).context("setting up QUIC")?;
+        let hello = Message::Hello {
+            role: Role::Agent,
+            name: config.name.clone(),
+            software: env!("CARGO_PKG_VERSION").into(),
+        };
+        let link = Arc::new(PsLink::new(
+            endpoint,
+            config.process_server,
+            hello,
+            Duration::from_secs(config.retry_secs),
+        ));
+        let every = interval.map(|i| Duration::from_secs(i.unwrap_or(config.interval_secs)));
+        let syncer = Syncer::new(config, link.clone(), shutdown.clone());
+        let result = loop {
+            let r = syncer.sync(wait).await;
+            match (&r, every) {
+                (Ok(report), _) => print_report(report, args.json),
+                (Err(e), Some(_)) => {
+                    error!(error = %format!("{e:#}"), "sync failed; retrying at the next interval")
+                }
+                (Err(_), None) => {}
+            }
+            let Some(every) = every else {
+                break r.map(|_| ());
             };
-            let link = Arc::new(PsLink::new(
-                endpoint,
-                config.process_server,
-                hello,
-                Duration::from_secs(config.retry_secs),
-            ));
-            let every = interval.map(|i| Duration::from_secs(i.unwrap_or(config.interval_secs)));
-            let syncer = Syncer::new(config, link.clone(), shutdown.clone());
-            let result = loop {
-                let r = syncer.sync(wait).await;
-                match (&r, every) {
-                    (Ok(report), _) => print_report(report, args.json),
-                    (Err(e), Some(_)) => error!(error = %format!("{e:#}"), "sync failed; retrying at the next interval"),
-                    (Err(_), None) => {}
-                }
-                let Some(every) = every else { break r.map(|_| ()) };
-                let mut sd = shutdown.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = sd.changed() => break Ok(()),
-                }
-                if *shutdown.borrow() {
-                    break Ok(());
-                }
-            };
-            link.close().await;
-            result
-        })
+            let mut sd = shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = sd.changed() => break Ok(()),
+            }
+            if *shutdown.borrow() {
+                break Ok(());
+            }
+        };
+        link.close().await;
+        result
+    })
 }
 
 fn print_report(report: &SyncReport, json: bool) {

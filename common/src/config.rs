@@ -135,3 +135,23 @@ pub fn shutdown_on_signals() -> Shutdown {
     });
     rx
 }
+
+/// The multi-threaded tokio runtime every binary runs on (one worker per core).
+pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))
+}
+
+/// Turns a binary's result into its exit code: on error, one line
+/// `<binary>: error: <reason>` on stderr and exit 1.
+pub fn exit_code(binary: &str, result: Result<(), String>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(reason) => {
+            eprintln!("{binary}: error: {reason}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -8,6 +8,7 @@
 //! serve. After that each request travels on its own bidirectional stream, so many
 //! batches are in flight on one connection.
 
+use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -20,7 +21,9 @@ use quinn::{Connection, Endpoint, EndpointConfig, RecvStream, SendStream, VarInt
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer, ServerName};
 use thiserror::Error;
-use tracing::warn;
+use tracing::{debug, info, warn};
+
+use crate::config::Shutdown;
 
 use crate::config::TlsPaths;
 use crate::message::{ErrorCode, Message, Role};
@@ -409,4 +412,160 @@ pub async fn request_frame(conn: &Connection, frame: Bytes) -> Result<Message, T
 /// Closes `conn` because the peer sent something malformed, with the reason on the wire.
 pub fn close_protocol_error(conn: &Connection, reason: &str) {
     conn.close(VarInt::from_u32(CLOSE_PROTOCOL), reason.as_bytes());
+}
+
+/// A peer this role dials: one connection, redialled when it breaks, and the wire
+/// bytes of every connection it made (QUIC and TLS overhead included).
+#[derive(Debug)]
+pub struct Dialer {
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    role: Role,
+    hello: Message,
+    conn: tokio::sync::RwLock<Option<Connection>>,
+    closed_bytes: std::sync::Mutex<(u64, u64)>,
+}
+
+impl Dialer {
+    /// A dialer for the `role` at `addr`, introducing itself with `hello`.
+    pub fn new(endpoint: Endpoint, addr: SocketAddr, role: Role, hello: Message) -> Self {
+        Dialer {
+            endpoint,
+            addr,
+            role,
+            hello,
+            conn: tokio::sync::RwLock::new(None),
+            closed_bytes: std::sync::Mutex::new((0, 0)),
+        }
+    }
+
+    /// The peer's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The current connection, dialling (and saying hello) if there is none.
+    pub async fn connection(&self) -> Result<Connection, TransportError> {
+        if let Some(c) = self.conn.read().await.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let mut slot = self.conn.write().await;
+        if let Some(old) = slot.take() {
+            if old.close_reason().is_none() {
+                *slot = Some(old.clone());
+                return Ok(old);
+            }
+            let s = old.stats();
+            let mut closed = self
+                .closed_bytes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            closed.0 += s.udp_tx.bytes;
+            closed.1 += s.udp_rx.bytes;
+        }
+        let c = connect(&self.endpoint, self.addr, self.role, &self.hello).await?;
+        info!(addr = %self.addr, role = %self.role, "connected");
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// UDP bytes sent and received over every connection so far.
+    pub async fn wire_bytes(&self) -> (u64, u64) {
+        let (mut tx, mut rx) = *self
+            .closed_bytes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = self.conn.read().await.as_ref() {
+            let s = c.stats();
+            tx += s.udp_tx.bytes;
+            rx += s.udp_rx.bytes;
+        }
+        (tx, rx)
+    }
+
+    /// Closes the connection politely and waits for the endpoint to go idle.
+    pub async fn close(&self, reason: &str) {
+        if let Some(c) = self.conn.read().await.as_ref() {
+            c.close(CLOSE_SHUTDOWN.into(), reason.as_bytes());
+        }
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// Serves `endpoint` until `shutdown` flips: completes each TLS handshake, admits only
+/// peers whose certificate proves one of `allowed` roles, then answers every request
+/// stream with `handler(message, exact frame bytes)`. A malformed frame closes that
+/// peer's connection with the reason logged; other peers are not affected.
+pub async fn serve<H, F>(
+    endpoint: &Endpoint,
+    allowed: &'static [Role],
+    hello: Message,
+    mut shutdown: Shutdown,
+    handler: H,
+) where
+    H: Fn(Message, Bytes) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Message> + Send + 'static,
+{
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            _ = shutdown.changed() => return,
+        };
+        let Some(incoming) = incoming else { return };
+        let (hello, handler) = (hello.clone(), handler.clone());
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(%remote, error = %e, "refused connection: TLS handshake failed (certificate not from this deployment's CA?)");
+                    return;
+                }
+            };
+            match accept_hello(&conn, allowed, &hello).await {
+                Ok((role, name)) => {
+                    info!(%remote, %role, peer = %name, "peer connected");
+                    serve_streams(conn, handler).await;
+                }
+                Err(e) => warn!(%remote, error = %e, "refused connection"),
+            }
+        });
+    }
+}
+
+async fn serve_streams<H, F>(conn: Connection, handler: H)
+where
+    H: Fn(Message, Bytes) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Message> + Send + 'static,
+{
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                info!(remote = %conn.remote_address(), reason = %e, "peer disconnected");
+                return;
+            }
+        };
+        let (conn, handler) = (conn.clone(), handler.clone());
+        tokio::spawn(async move {
+            let (msg, frame) = match read_message_raw(&mut recv).await {
+                Ok(m) => m,
+                Err(TransportError::Protocol(reason)) => {
+                    warn!(remote = %conn.remote_address(), %reason, "malformed frame: closing the connection");
+                    close_protocol_error(&conn, &reason);
+                    return;
+                }
+                Err(e) => {
+                    debug!(error = %e, "stream ended early");
+                    return;
+                }
+            };
+            let answer = handler(msg, frame).await;
+            if let Err(e) = write_message(&mut send, &answer).await {
+                debug!(error = %e, "could not answer");
+            }
+        });
+    }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use boomerang_common::config::{
-    init_logging, load_toml, parse_id_path, shutdown_on_signals, TlsArgs,
+    exit_code, init_logging, load_toml, parse_id_path, runtime, shutdown_on_signals, TlsArgs,
 };
 use boomerang_common::message::Role;
 use boomerang_common::pki;
@@ -90,13 +90,7 @@ struct RunArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging("info");
-    match dispatch(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("boomerang-mt: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("boomerang-mt", dispatch(cli).map_err(|e| format!("{e:#}")))
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -114,7 +108,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             config.replicas.extend(args.replicas);
             args.tls.apply(&mut config.tls, &mut config.name);
-            runtime()?.block_on(async {
+            runtime().map_err(anyhow::Error::msg)?.block_on(async {
                 let shutdown = shutdown_on_signals();
                 crate::server::run(config, shutdown).await
             })
@@ -151,12 +145,4 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Quickstart(args) => crate::quickstart::run(args),
     }
-}
-
-/// The tokio runtime every daemon uses: one worker per core.
-pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
 }

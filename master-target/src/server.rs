@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use boomerang_common::config::Shutdown;
 use boomerang_common::message::{ErrorCode, Message, Role};
-use boomerang_common::transport::{self, TransportError};
-use quinn::Connection;
+use boomerang_common::transport;
 use tracing::{debug, info, warn};
 
 use crate::config::MtConfig;
@@ -15,7 +14,7 @@ use crate::disks::Disks;
 
 /// Runs the master target until `shutdown` flips. Prints `listening on ADDR` on stdout
 /// once ready, for scripts and tests.
-pub async fn run(config: MtConfig, mut shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(config: MtConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     use anyhow::Context as _;
     config
         .validate()
@@ -35,33 +34,11 @@ pub async fn run(config: MtConfig, mut shutdown: Shutdown) -> anyhow::Result<()>
         name: config.name.clone(),
         software: env!("CARGO_PKG_VERSION").into(),
     };
-    loop {
-        tokio::select! {
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
-                let disks = disks.clone();
-                let hello = hello.clone();
-                tokio::spawn(async move {
-                    let remote = incoming.remote_address();
-                    let conn = match incoming.await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            warn!(%remote, error = %e, "refused connection: TLS handshake failed (certificate not from this deployment's CA?)");
-                            return;
-                        }
-                    };
-                    match transport::accept_hello(&conn, &[Role::Ps], &hello).await {
-                        Ok((_, name)) => {
-                            info!(%remote, peer = %name, "process server connected");
-                            serve(conn, disks).await;
-                        }
-                        Err(e) => warn!(%remote, error = %e, "refused connection"),
-                    }
-                });
-            }
-            _ = shutdown.changed() => break,
-        }
-    }
+    let handler = move |msg: Message, _frame: bytes::Bytes| {
+        let disks = disks.clone();
+        async move { handle(&disks, msg).await }
+    };
+    transport::serve(&endpoint, &[Role::Ps], hello, shutdown, handler).await;
     info!("shutting down");
     endpoint.close(
         transport::CLOSE_SHUTDOWN.into(),
@@ -69,38 +46,6 @@ pub async fn run(config: MtConfig, mut shutdown: Shutdown) -> anyhow::Result<()>
     );
     endpoint.wait_idle().await;
     Ok(())
-}
-
-async fn serve(conn: Connection, disks: Arc<Disks>) {
-    loop {
-        let (mut send, mut recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                info!(remote = %conn.remote_address(), reason = %e, "process server disconnected");
-                return;
-            }
-        };
-        let disks = disks.clone();
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            let msg = match transport::read_message(&mut recv).await {
-                Ok(m) => m,
-                Err(TransportError::Protocol(reason)) => {
-                    warn!(remote = %conn.remote_address(), %reason, "malformed frame: closing the connection");
-                    transport::close_protocol_error(&conn, &reason);
-                    return;
-                }
-                Err(e) => {
-                    debug!(error = %e, "stream ended early");
-                    return;
-                }
-            };
-            let answer = handle(&disks, msg).await;
-            if let Err(e) = transport::write_message(&mut send, &answer).await {
-                debug!(error = %e, "could not answer");
-            }
-        });
-    }
 }
 
 /// Answers one request.

@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
-use boomerang_common::config::{init_logging, load_toml, shutdown_on_signals, TlsArgs};
+use boomerang_common::config::{
+    exit_code, init_logging, load_toml, runtime, shutdown_on_signals, TlsArgs,
+};
 use clap::{Parser, Subcommand};
 
 use crate::config::PsConfig;
@@ -48,13 +49,7 @@ struct RunArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging("info");
-    match dispatch(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("boomerang-ps: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("boomerang-ps", dispatch(cli).map_err(|e| format!("{e:#}")))
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -76,12 +71,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         config.spool_max_mib = v;
     }
     args.tls.apply(&mut config.tls, &mut config.name);
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(async {
-            let shutdown = shutdown_on_signals();
-            crate::server::run(config, shutdown).await
-        })
+    runtime().map_err(anyhow::Error::msg)?.block_on(async {
+        let shutdown = shutdown_on_signals();
+        crate::server::run(config, shutdown).await
+    })
 }

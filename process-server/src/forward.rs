@@ -10,55 +10,33 @@ use std::time::Duration;
 
 use boomerang_common::config::Shutdown;
 use boomerang_common::message::{ErrorCode, Message, Role};
-use boomerang_common::transport;
+use boomerang_common::transport::{self, Dialer};
 use quinn::{Connection, Endpoint};
-use tokio::sync::RwLock;
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::spool::{Key, Spool};
 
 /// The link to the master target.
 #[derive(Debug)]
 pub struct MasterLink {
-    endpoint: Endpoint,
-    addr: SocketAddr,
-    hello: Message,
-    conn: RwLock<Option<Connection>>,
+    dialer: Dialer,
 }
 
 impl MasterLink {
     /// A link to `addr`, dialled from `endpoint`.
     pub fn new(endpoint: Endpoint, addr: SocketAddr, hello: Message) -> Arc<Self> {
         Arc::new(MasterLink {
-            endpoint,
-            addr,
-            hello,
-            conn: RwLock::new(None),
+            dialer: Dialer::new(endpoint, addr, Role::Mt, hello),
         })
     }
 
     /// The current connection, dialling if there is none.
     pub async fn connection(&self) -> Result<Connection, String> {
-        if let Some(c) = self.conn.read().await.as_ref() {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
-        }
-        let mut slot = self.conn.write().await;
-        if let Some(c) = slot.as_ref() {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
-        }
-        match transport::connect(&self.endpoint, self.addr, Role::Mt, &self.hello).await {
-            Ok(c) => {
-                info!(addr = %self.addr, "connected to the master target");
-                *slot = Some(c.clone());
-                Ok(c)
-            }
-            Err(e) => Err(format!("master target {} unreachable: {e}", self.addr)),
-        }
+        self.dialer
+            .connection()
+            .await
+            .map_err(|e| format!("master target {} unreachable: {e}", self.dialer.addr()))
     }
 
     /// Relays a control request (disk announcement, manifest) and returns the answer.

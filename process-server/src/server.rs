@@ -2,14 +2,11 @@
 //! batches and tags durably before acknowledging, and relays their control requests
 //! to the master target.
 
-use std::sync::Arc;
-
 use anyhow::Context as _;
 use boomerang_common::config::Shutdown;
 use boomerang_common::message::{ErrorCode, Message, Role};
-use boomerang_common::transport::{self, TransportError};
-use quinn::Connection;
-use tracing::{debug, info, warn};
+use boomerang_common::transport;
+use tracing::{info, warn};
 
 use crate::config::PsConfig;
 use crate::forward::{forward_loop, MasterLink};
@@ -17,7 +14,7 @@ use crate::spool::Spool;
 
 /// Runs the process server until `shutdown` flips. Prints `listening on ADDR` on
 /// stdout once ready.
-pub async fn run(config: PsConfig, mut shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(config: PsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     config
         .validate()
         .map_err(anyhow::Error::msg)
@@ -41,32 +38,11 @@ pub async fn run(config: PsConfig, mut shutdown: Shutdown) -> anyhow::Result<()>
     ));
     println!("listening on {addr}");
     info!(%addr, master_target = %config.master_target, "process server ready");
-    loop {
-        tokio::select! {
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
-                let (spool, link, hello) = (spool.clone(), link.clone(), hello.clone());
-                tokio::spawn(async move {
-                    let remote = incoming.remote_address();
-                    let conn = match incoming.await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            warn!(%remote, error = %e, "refused connection: TLS handshake failed (certificate not from this deployment's CA?)");
-                            return;
-                        }
-                    };
-                    match transport::accept_hello(&conn, &[Role::Agent], &hello).await {
-                        Ok((_, name)) => {
-                            info!(%remote, agent = %name, "agent connected");
-                            serve(conn, spool, link).await;
-                        }
-                        Err(e) => warn!(%remote, error = %e, "refused connection"),
-                    }
-                });
-            }
-            _ = shutdown.changed() => break,
-        }
-    }
+    let handler = move |msg: Message, frame: bytes::Bytes| {
+        let (spool, link) = (spool.clone(), link.clone());
+        async move { handle(&spool, &link, msg, frame).await }
+    };
+    transport::serve(&endpoint, &[Role::Agent], hello, shutdown, handler).await;
     info!("shutting down");
     forwarder.abort();
     endpoint.close(
@@ -75,37 +51,6 @@ pub async fn run(config: PsConfig, mut shutdown: Shutdown) -> anyhow::Result<()>
     );
     endpoint.wait_idle().await;
     Ok(())
-}
-
-async fn serve(conn: Connection, spool: Arc<Spool>, link: Arc<MasterLink>) {
-    loop {
-        let (mut send, mut recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                info!(remote = %conn.remote_address(), reason = %e, "agent disconnected");
-                return;
-            }
-        };
-        let (spool, link, conn) = (spool.clone(), link.clone(), conn.clone());
-        tokio::spawn(async move {
-            let (msg, frame) = match transport::read_message_raw(&mut recv).await {
-                Ok(m) => m,
-                Err(TransportError::Protocol(reason)) => {
-                    warn!(remote = %conn.remote_address(), %reason, "malformed frame from agent: closing the connection");
-                    transport::close_protocol_error(&conn, &reason);
-                    return;
-                }
-                Err(e) => {
-                    debug!(error = %e, "stream ended early");
-                    return;
-                }
-            };
-            let answer = handle(&spool, &link, msg, frame).await;
-            if let Err(e) = transport::write_message(&mut send, &answer).await {
-                debug!(error = %e, "could not answer the agent");
-            }
-        });
-    }
 }
 
 async fn handle(spool: &Spool, link: &MasterLink, msg: Message, frame: bytes::Bytes) -> Message {

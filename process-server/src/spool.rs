@@ -298,72 +298,86 @@ impl Spool {
     }
 
     /// Writes a group of records, rolling segments as needed, fdatasyncs, and only then
-    /// enters them in the index.
+    /// enters them in the index. Each record counts as live in its segment from the
+    /// moment it is placed, so no segment holding a record of this group can be
+    /// retired by a concurrent `remove` while the group is still being written.
     fn write_group(&self, group: &[Append]) -> io::Result<()> {
         let (mut active, mut file, mut offset) = {
             let idx = self.lock();
             let seg = &idx.segments[&idx.active];
             (idx.active, seg.file.clone(), seg.file.metadata()?.len())
         };
-        let mut placed: Vec<(usize, Entry)> = Vec::with_capacity(group.len());
-        // Segments closed by this group: retired (if empty) only after this group's
-        // records are in the index, or a closing segment would look empty and be
-        // deleted with records just written and about to be acknowledged in it.
+        let mut placed: Vec<Entry> = Vec::with_capacity(group.len());
         let mut closed: Vec<u64> = Vec::new();
-        for (i, a) in group.iter().enumerate() {
-            if offset >= SEGMENT_TARGET {
-                // Records in the closing segment must be durable before we ack them.
-                file.sync_data()?;
-                let next = active + 1;
-                let path = segment_path(&self.dir, next);
-                let f = Arc::new(create_segment(&path, next).map_err(io::Error::other)?);
-                self.lock().segments.insert(
-                    next,
-                    Segment {
-                        file: f.clone(),
-                        path,
-                        live: 0,
-                    },
-                );
-                self.lock().active = next;
-                closed.push(active);
-                active = next;
-                file = f;
-                offset = SEGMENT_HEADER;
-            }
-            file.write_all_at(&a.frame, offset)?;
-            placed.push((
-                i,
-                Entry {
+        let result = (|| -> io::Result<()> {
+            for a in group {
+                if offset >= SEGMENT_TARGET {
+                    // Records in the closing segment must be durable before we ack them.
+                    file.sync_data()?;
+                    let next = active + 1;
+                    let path = segment_path(&self.dir, next);
+                    let f = Arc::new(create_segment(&path, next).map_err(io::Error::other)?);
+                    let mut idx = self.lock();
+                    idx.segments.insert(
+                        next,
+                        Segment {
+                            file: f.clone(),
+                            path,
+                            live: 0,
+                        },
+                    );
+                    idx.active = next;
+                    drop(idx);
+                    closed.push(active);
+                    active = next;
+                    file = f;
+                    offset = SEGMENT_HEADER;
+                }
+                let entry = Entry {
                     segment: active,
                     offset,
                     len: u32::try_from(a.frame.len()).map_err(io::Error::other)?,
                     units: a.units,
-                },
-            ));
-            offset += a.frame.len() as u64;
-        }
-        // The group commit: one fdatasync makes every record above durable.
-        file.sync_data()?;
-        let mut idx = self.lock();
-        for (i, entry) in placed {
-            let key = group[i].key.clone();
-            if let Some(seg) = idx.segments.get_mut(&entry.segment) {
-                seg.live += 1;
-            }
-            if let Some(old) = idx.entries.insert(key, entry) {
-                // A resend raced its original: keep one copy, free the other.
-                if let Some(seg) = idx.segments.get_mut(&old.segment) {
-                    seg.live = seg.live.saturating_sub(1);
+                };
+                if let Some(seg) = self.lock().segments.get_mut(&active) {
+                    seg.live += 1;
                 }
-                self.space.add_permits(old.units as usize);
+                placed.push(entry);
+                file.write_all_at(&a.frame, offset)?;
+                offset += a.frame.len() as u64;
+            }
+            // The group commit: one fdatasync makes every record above durable.
+            file.sync_data()
+        })();
+        let mut retire = closed;
+        {
+            let mut idx = self.lock();
+            match &result {
+                Ok(()) => {
+                    for (a, entry) in group.iter().zip(&placed) {
+                        if let Some(old) = idx.entries.insert(a.key.clone(), *entry) {
+                            // A resend raced its original: keep one copy, free the other.
+                            if let Some(seg) = idx.segments.get_mut(&old.segment) {
+                                seg.live = seg.live.saturating_sub(1);
+                            }
+                            self.space.add_permits(old.units as usize);
+                            retire.push(old.segment);
+                        }
+                    }
+                }
+                Err(_) => {
+                    for entry in &placed {
+                        if let Some(seg) = idx.segments.get_mut(&entry.segment) {
+                            seg.live = seg.live.saturating_sub(1);
+                        }
+                    }
+                }
             }
         }
-        drop(idx);
-        for id in closed {
+        for id in retire {
             self.retire_if_empty(id);
         }
-        Ok(())
+        result
     }
 
     fn retire_if_empty(&self, id: u64) {
@@ -768,6 +782,59 @@ mod tests {
             keys.iter().any(|k| k.2 == seq) && keys.iter().any(|k| k.2 == seq + 1),
             "{keys:?}"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acknowledging_while_segments_roll_never_loses_a_held_record() {
+        // The forwarder removes acknowledged records while the writer is rolling
+        // segments; a segment must never be retired with records still held.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), 1 << 30).expect("open");
+        let chunk = 3 << 20;
+        let total = 60u64;
+        let remover = {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                let mut sent = HashMap::new();
+                let mut removed = 0u64;
+                while removed < total - 4 {
+                    for key in spool.next_unsent(&BTreeSet::new(), 8, &mut sent) {
+                        if key.2 < total - 4
+                            && spool
+                                .read(&key)
+                                .expect("held records are readable")
+                                .is_some()
+                        {
+                            spool.remove(&key);
+                            removed += 1;
+                        }
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let mut appends = Vec::new();
+        for seq in 0..total {
+            let spool = spool.clone();
+            appends.push(tokio::spawn(async move {
+                let m = batch_of(seq, chunk);
+                spool.append(&m, m.encode()).await.expect("append");
+            }));
+        }
+        for a in appends {
+            a.await.expect("join");
+        }
+        tokio::time::timeout(Duration::from_secs(60), remover)
+            .await
+            .expect("remover finished")
+            .expect("join");
+        for seq in total - 4..total {
+            let key = ("d0".to_string(), 1, seq);
+            assert!(
+                spool.read(&key).expect("readable").is_some(),
+                "seq {seq} lost"
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
