@@ -24,6 +24,7 @@ use boomerang_common::{Batch, ChunkHash};
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::config::AgentConfig;
@@ -293,6 +294,16 @@ impl Syncer {
         let deadline = Duration::from_secs_f64(self.config.freeze_deadline_secs);
         let guard = FreezeGuard::freeze(&mounts, deadline).map_err(anyhow::Error::msg)?;
         let frozen_at = Instant::now();
+        // A signal thaws at once, even while a request is stuck waiting on the network.
+        let on_signal = {
+            let thaw = guard.handle();
+            let mut shutdown = self.shutdown.clone();
+            tokio::spawn(async move {
+                if shutdown.wait_for(|stop| *stop).await.is_ok() {
+                    thaw.thaw();
+                }
+            })
+        };
         let mut passes = Vec::new();
         let mut result = Ok(());
         for disk in disks.iter_mut() {
@@ -315,6 +326,7 @@ impl Syncer {
             }
         }
         guard.thaw();
+        on_signal.abort();
         let held = frozen_at.elapsed();
         let deadline_hit = guard.deadline_hit();
         drop(guard);
@@ -476,51 +488,56 @@ impl Syncer {
             tokio::spawn(async move { ctx.produce(range, tx).await })
         };
         let window = Arc::new(Semaphore::new(self.config.in_flight));
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<u64, String>>();
+        let mut sends: JoinSet<Result<u64, String>> = JoinSet::new();
+        let mut shutdown = self.shutdown.clone();
         let mut acked = Acked::new(range.start);
-        let mut outstanding = 0usize;
         let mut producing = true;
         let started = Instant::now();
         let mut last_log = Instant::now();
         let mut last_store = Instant::now();
         let total = range.end - range.start;
         let mut failure: Option<anyhow::Error> = None;
-        while producing || outstanding > 0 {
-            if *self.shutdown.borrow() && failure.is_none() {
+        loop {
+            if failure.is_none() && *shutdown.borrow() {
                 failure = Some(anyhow!(
                     "interrupted by a signal; the next sync resumes where this one stopped"
                 ));
-                cancel.store(true, Ordering::SeqCst);
+            }
+            if failure.is_some() || (!producing && sends.is_empty()) {
+                break;
             }
             tokio::select! {
-                built = rx.recv(), if producing && failure.is_none() => {
+                // The receive is the last await, so a cancelled branch never loses a unit.
+                (permit, built) = async {
+                    let permit = window.clone().acquire_owned().await;
+                    (permit, rx.recv().await)
+                }, if producing => {
                     let Some(built) = built else {
                         producing = false;
                         continue;
                     };
+                    let permit = permit.map_err(|e| anyhow!("{e}"))?;
                     disk.report.add(&built.stats);
                     disk.report.bytes_framed += built.frame.len() as u64;
-                    let permit = window.clone().acquire_owned().await.map_err(|e| anyhow!("{e}"))?;
                     let link = self.link.clone();
-                    let done = done_tx.clone();
-                    outstanding += 1;
-                    tokio::spawn(async move {
+                    sends.spawn(async move {
                         let r = match link.request(built.frame).await {
                             Ok(Message::DurableAck { .. }) => Ok(built.unit),
                             Ok(other) => Err(format!("unexpected answer {} to a batch", other.name())),
                             Err(e) => Err(e.to_string()),
                         };
                         drop(permit);
-                        let _ = done.send(r);
+                        r
                     });
                 }
-                Some(done) = done_rx.recv(), if outstanding > 0 => {
-                    outstanding -= 1;
+                Some(done) = sends.join_next(), if !sends.is_empty() => {
                     match done {
-                        Ok(unit) => acked.add(unit),
-                        Err(e) => {
-                            cancel.store(true, Ordering::SeqCst);
+                        Ok(Ok(unit)) => acked.add(unit),
+                        Ok(Err(e)) => {
                             failure.get_or_insert_with(|| anyhow!("disk {}: shipping failed: {e}", disk.id));
+                        }
+                        Err(e) => {
+                            failure.get_or_insert_with(|| anyhow!("disk {}: send task failed: {e}", disk.id));
                         }
                     }
                     if last_store.elapsed() > Duration::from_secs(1) {
@@ -528,6 +545,7 @@ impl Syncer {
                         last_store = Instant::now();
                     }
                 }
+                _ = shutdown.changed() => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
             if last_log.elapsed() > Duration::from_secs(5) {
@@ -544,18 +562,21 @@ impl Syncer {
                 last_log = Instant::now();
             }
         }
-        match producer.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                failure.get_or_insert(e);
-            }
-            Err(e) => {
-                failure.get_or_insert_with(|| anyhow!("disk {}: reader task failed: {e}", disk.id));
-            }
-        }
         if let Some(e) = failure {
+            // Stop everything at once: readers see the cancel flag or a closed channel,
+            // unacknowledged sends are dropped (they are resent on resume).
+            cancel.store(true, Ordering::SeqCst);
+            rx.close();
+            sends.abort_all();
+            producer.abort();
+            let _ = producer.await;
             let _ = self.store_acked(disk, acked.prefix);
             return Err(e);
+        }
+        match producer.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(anyhow!("disk {}: reader task failed: {e}", disk.id)),
         }
         self.store_acked(disk, acked.prefix)?;
         Ok(())
