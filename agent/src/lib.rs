@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod fault;
 pub mod freeze;
+pub mod journal;
 pub mod link;
 pub mod scan;
 pub mod source;
