@@ -30,6 +30,19 @@ pub struct Cli {
 enum Command {
     /// Sync every disk once against the replica's hashes, then exit.
     Sync(Args),
+    /// Replicate continuously from the kernel's block write tracepoints (block devices
+    /// only): scan once, then ship written blocks as they change, with consistency
+    /// points (paused by --freeze) every --crash-interval / --app-interval seconds.
+    Track {
+        #[command(flatten)]
+        args: Args,
+        /// Seconds between crash-consistent points.
+        #[arg(long)]
+        crash_interval: Option<f64>,
+        /// Seconds between app-consistent points.
+        #[arg(long)]
+        app_interval: Option<f64>,
+    },
     /// Sync every disk now and then every --interval seconds, until SIGTERM.
     Run {
         #[command(flatten)]
@@ -129,11 +142,28 @@ pub fn main() -> ExitCode {
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    let (args, interval) = match cli.command {
-        Command::Sync(a) => (a, None),
-        Command::Run { args, interval } => (args, Some(interval)),
+    let (args, interval, track) = match cli.command {
+        Command::Sync(a) => (a, None, None),
+        Command::Run { args, interval } => (args, Some(interval), None),
+        Command::Track {
+            args,
+            crash_interval,
+            app_interval,
+        } => (args, None, Some((crash_interval, app_interval))),
     };
-    let config = args.config()?;
+    let mut config = args.config()?;
+    if let Some((crash, app)) = track {
+        if let Some(v) = crash {
+            config.crash_interval_secs = v;
+        }
+        if let Some(v) = app {
+            config.app_interval_secs = v;
+        }
+        config
+            .validate()
+            .map_err(anyhow::Error::msg)
+            .context("invalid configuration")?;
+    }
     let wait = if args.no_wait {
         Wait::ProcessServer
     } else {
@@ -155,6 +185,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         ));
         let every = interval.map(|i| Duration::from_secs(i.unwrap_or(config.interval_secs)));
         let syncer = Syncer::new(config, link.clone(), shutdown.clone());
+        if track.is_some() {
+            let result = syncer.track().await;
+            if let Ok(report) = &result {
+                print_track_report(report, args.json);
+            }
+            link.close().await;
+            return result.map(|_| ());
+        }
         let result = loop {
             let r = syncer.sync(wait).await;
             match (&r, every) {
@@ -210,4 +248,26 @@ fn print_report(report: &SyncReport, json: bool) {
         report.wire_tx_bytes
     );
     info!(seconds = report.seconds, "sync done");
+}
+
+fn print_track_report(report: &crate::track::TrackReport, json: bool) {
+    if json {
+        match serde_json::to_string(report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => error!(error = %e, "cannot print the report"),
+        }
+        return;
+    }
+    let mut p = report.pauses_ms.clone();
+    p.sort_by(f64::total_cmp);
+    println!(
+        "tracked: {} batches, {} MiB shipped, {} points ({} abandoned), {} resyncs; pause median {:.1} ms, max {:.1} ms",
+        report.batches,
+        report.bytes_shipped >> 20,
+        report.points,
+        report.points_abandoned,
+        report.resyncs,
+        p.get(p.len() / 2).copied().unwrap_or(0.0),
+        p.last().copied().unwrap_or(0.0)
+    );
 }

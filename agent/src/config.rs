@@ -63,6 +63,21 @@ pub struct AgentConfig {
     /// Seconds between syncs in `run` mode.
     /// Default: 300.
     pub interval_secs: u64,
+    /// Continuous tracking (`track`): how often dirty blocks are shipped, in ms.
+    /// Default: 1000.
+    pub ship_interval_ms: u64,
+    /// Continuous tracking: seconds between crash-consistent points (1 or more).
+    /// Default: 300.
+    pub crash_interval_secs: f64,
+    /// Continuous tracking: seconds between app-consistent points.
+    /// Default: 3600.
+    pub app_interval_secs: f64,
+    /// Longest a consistency point may hold writes, in seconds; then it is undone and
+    /// the point abandoned.
+    /// Default: 2.
+    pub pause_deadline_secs: f64,
+    /// Kernel write tracing settings (buffer size, health checks).
+    pub trace: crate::trace::TraceOptions,
     /// TLS identity. Default: none (set it, or pass --pki-dir).
     pub tls: TlsPaths,
 }
@@ -84,6 +99,11 @@ impl Default for AgentConfig {
             freeze_deadline_secs: 60.0,
             retry_secs: 600,
             interval_secs: 300,
+            ship_interval_ms: 1000,
+            crash_interval_secs: 300.0,
+            app_interval_secs: 3600.0,
+            pause_deadline_secs: 2.0,
+            trace: crate::trace::TraceOptions::default(),
             tls: TlsPaths::default(),
         }
     }
@@ -129,6 +149,19 @@ impl AgentConfig {
         if self.workers == 0 || self.workers > 256 {
             return Err("workers must be 1 to 256".into());
         }
+        if !(10..=600_000).contains(&self.ship_interval_ms) {
+            return Err("ship_interval_ms must be 10 to 600000".into());
+        }
+        for (name, v, min) in [
+            ("crash_interval_secs", self.crash_interval_secs, 1.0),
+            ("app_interval_secs", self.app_interval_secs, 1.0),
+            ("pause_deadline_secs", self.pause_deadline_secs, 0.05),
+        ] {
+            if v.is_nan() || v < min {
+                return Err(format!("{name} = {v} must be at least {min}"));
+            }
+        }
+        self.trace.validate()?;
         if self.freeze_deadline_secs.is_nan() || self.freeze_deadline_secs <= 0.0 {
             return Err("freeze_deadline_secs must be positive".into());
         }

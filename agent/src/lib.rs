@@ -12,3 +12,5 @@ pub mod scan;
 pub mod source;
 pub mod state;
 pub mod sync;
+pub mod trace;
+pub mod track;

@@ -65,7 +65,14 @@ impl ScanSource {
         &self.path
     }
 
-    fn read_unit<'b>(&self, offset: u64, len: usize, buf: &'b mut Vec<u8>) -> io::Result<&'b [u8]> {
+    /// Reads `len` bytes at `offset` (4 KiB aligned for block devices) into `buf`
+    /// (scratch space, grown as needed) and returns them.
+    pub fn read_unit<'b>(
+        &self,
+        offset: u64,
+        len: usize,
+        buf: &'b mut Vec<u8>,
+    ) -> io::Result<&'b [u8]> {
         // Over-allocate so an aligned window of `len` (rounded up) fits.
         let padded = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
         if buf.len() < padded + DIRECT_ALIGN {

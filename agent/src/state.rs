@@ -36,6 +36,10 @@ pub struct DiskProgress {
     pub pass: Option<PassState>,
     /// Mount points frozen right now (thawed at start-up after a crash).
     pub frozen: Vec<PathBuf>,
+    /// Continuous tracking is running; found set at start-up, the agent stopped
+    /// uncleanly and writes may have been missed (new generation, resync).
+    #[serde(default)]
+    pub tracking: bool,
 }
 
 impl DiskProgress {
@@ -47,6 +51,7 @@ impl DiskProgress {
             next_seq: 0,
             pass: None,
             frozen: Vec::new(),
+            tracking: false,
         }
     }
 }

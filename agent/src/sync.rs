@@ -95,11 +95,11 @@ pub struct SyncReport {
     pub seconds: f64,
 }
 
-struct DiskCtx {
-    id: String,
-    source: Arc<ScanSource>,
-    state: StateFile<DiskProgress>,
-    report: DiskReport,
+pub(crate) struct DiskCtx {
+    pub(crate) id: String,
+    pub(crate) source: Arc<ScanSource>,
+    pub(crate) state: StateFile<DiskProgress>,
+    pub(crate) report: DiskReport,
     /// Passes shipped by this process: (base seq, geometry), to rebuild resend requests.
     passes: Vec<(u64, Geometry)>,
 }
@@ -107,9 +107,9 @@ struct DiskCtx {
 /// Runs syncs over one link.
 #[derive(Debug)]
 pub struct Syncer {
-    config: AgentConfig,
-    link: Arc<PsLink>,
-    shutdown: Shutdown,
+    pub(crate) config: AgentConfig,
+    pub(crate) link: Arc<PsLink>,
+    pub(crate) shutdown: Shutdown,
 }
 
 /// Whether the master target must hold a pass before `sync` returns.
@@ -144,7 +144,7 @@ impl Syncer {
         let group_point = now_ms();
         // Pass 1: bring each replica up to date (resuming an interrupted pass).
         for disk in &mut disks {
-            self.first_pass(disk, group_point).await?;
+            self.first_pass(disk, group_point, false).await?;
         }
         let freeze = !self.config.freeze.is_empty();
         if wait == Wait::MasterTarget || freeze {
@@ -174,7 +174,7 @@ impl Syncer {
         Ok(report)
     }
 
-    async fn open_disk(&self, id: &str, path: &Path) -> anyhow::Result<DiskCtx> {
+    pub(crate) async fn open_disk(&self, id: &str, path: &Path) -> anyhow::Result<DiskCtx> {
         let unit = u64::from(self.config.batch_mib) << 20;
         let source = ScanSource::open(path, self.config.chunk_size(), unit)
             .with_context(|| format!("opening disk {id} at {}", path.display()))?;
@@ -208,7 +208,7 @@ impl Syncer {
         })
     }
 
-    async fn disk_state(&self, disk: &DiskCtx) -> anyhow::Result<DiskState> {
+    pub(crate) async fn disk_state(&self, disk: &DiskCtx) -> anyhow::Result<DiskState> {
         let msg = Message::OpenDisk {
             disk: disk.id.clone(),
             size: disk.source.geometry().size,
@@ -225,12 +225,24 @@ impl Syncer {
     }
 
     /// Chooses the generation and runs (or resumes) the first pass of this sync.
-    async fn first_pass(&self, disk: &mut DiskCtx, point_id: u64) -> anyhow::Result<()> {
+    /// `force_new_generation`: tracking was lost, so what the replica holds cannot be
+    /// trusted to be a state the disk was in.
+    pub(crate) async fn first_pass(
+        &self,
+        disk: &mut DiskCtx,
+        point_id: u64,
+        force_new_generation: bool,
+    ) -> anyhow::Result<()> {
         let remote = self.disk_state(disk).await?;
         let mine = disk.state.get().clone();
         let geometry = disk.source.geometry();
         let pass_end = |p: &PassState| p.base_seq + p.geometry.units() + 1;
-        let continue_gen = mine.generation > 0
+        if mine.tracking {
+            warn!(disk = %disk.id, "the agent stopped uncleanly while tracking writes: changes may have been missed");
+        }
+        let continue_gen = !force_new_generation
+            && !mine.tracking
+            && mine.generation > 0
             && mine.generation >= remote.generation
             && match &mine.pass {
                 // An interrupted pass can only resume with the same geometry, else its
@@ -249,6 +261,7 @@ impl Syncer {
                 generation,
                 next_seq: 0,
                 pass: None,
+                tracking: false,
                 ..progress
             };
         }
@@ -355,7 +368,11 @@ impl Syncer {
         Ok(abandoned)
     }
 
-    async fn send_tag(&self, disk: &mut DiskCtx, pass: &PassState) -> anyhow::Result<()> {
+    pub(crate) async fn send_tag(
+        &self,
+        disk: &mut DiskCtx,
+        pass: &PassState,
+    ) -> anyhow::Result<()> {
         let generation = disk.state.get().generation;
         let seq = pass.base_seq + pass.geometry.units();
         let tag = Tag {
@@ -388,7 +405,7 @@ impl Syncer {
 
     /// Waits until the master target applied everything up to the disk's last tag,
     /// sending again any batch it refused.
-    async fn drain(&self, disk: &mut DiskCtx) -> anyhow::Result<()> {
+    pub(crate) async fn drain(&self, disk: &mut DiskCtx) -> anyhow::Result<()> {
         let Some(tag_seq) = disk.report.tag_seq else {
             return Ok(());
         };

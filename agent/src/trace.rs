@@ -1,0 +1,543 @@
+//! The trace source's change tracking: which 4 KiB blocks of an existing Linux block
+//! device were written or discarded, learned from the kernel's `block/block_bio_queue`
+//! tracepoint, so the workload keeps using its own disk.
+//!
+//! [`Tracer::start`] creates a private tracefs instance
+//! `instances/boomerang-<pid>-<major>-<minor>` (mounting tracefs first if nobody has),
+//! sets its per-cpu ring buffer size, the `counter` trace clock (one global order over
+//! all cpus), an event filter on the device's `dev` (the kernel's MKDEV, major << 20 |
+//! minor; for a partition the whole disk's dev and the partition's sector range), and
+//! enables the event. A reader thread follows the instance's `trace_pipe` and folds
+//! every event into a [`DirtySnapshot`]-shaped set that [`Tracer::take`] swaps out.
+//!
+//! Lost events are detected, never guessed ([`Tracer::lost`]); tracking is lost for
+//! good once any of these is seen:
+//! - the ring buffer lost events: a per-cpu `stats` counter (`overrun`, `commit
+//!   overrun`, `dropped events`) rose above its value at start, or `trace_pipe` printed
+//!   `CPU:N [LOST M EVENTS]`;
+//! - someone else touched the instance: a write to any of its control files (event
+//!   enable, filter or trigger, `tracing_on`, `set_event`, buffer size, options,
+//!   clearing `trace`), an open of a consuming pipe, the instance's removal (an inotify
+//!   watch sees each of these even when undone at once), or, polled every
+//!   `health_interval_ms`, `tracing_on`, the event's `enable` or `filter` not as set;
+//! - the reader failed: `trace_pipe` error or end of file, a line naming the event that
+//!   does not parse, an event for another device or outside the partition, a zoned
+//!   operation, or the reader thread ending for any other reason.
+//!
+//! [`Tracer::sync_point`] makes sure every event of a bio submitted before the call is
+//! in the set: it writes a marker into the instance's `trace_marker` and waits until the
+//! reader has read it. With the counter clock every event that was committed before
+//! the marker sorts before it in `trace_pipe`'s merge of the per-cpu buffers, and a
+//! bio's event is committed inside `submit_bio`, before the bio can complete. After the
+//! marker the reader checks the watch and the loss counters once more, so a loss that
+//! happened before the marker is reported by that call.
+//!
+//! Not seen by this tracepoint (documented limits): SCSI/NVMe passthrough writes
+//! (SG_IO, uring_cmd), writes to a loop device's backing file, and bios a stacked
+//! driver remaps into the device in place (devices with non-dm holders are refused).
+//!
+//! [`Tracer::stop`] (and drop) stops the reader, disables the event and removes the
+//! instance; instances of agents that died without cleaning up are removed at the next
+//! start. A tracefs mount made by the tracer stays: other tracers may use it.
+
+mod dirty;
+mod event;
+mod reader;
+#[cfg(test)]
+mod tests;
+mod tracefs;
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use self::dirty::DirtySet;
+use self::reader::{eventfd, kick, Health, Reader, ReaderParts};
+use self::tracefs::{
+    io_err, parse_stats, read_ctl, write_ctl, DeviceTarget, Instance, Watch, EVENT_DIR,
+    INSTANCE_PREFIX,
+};
+
+/// Tracking granularity in bytes (a 4 KiB block).
+pub const TRACE_BLOCK: u64 = dirty::BLOCK;
+
+/// Tracer settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TraceOptions {
+    /// Ring buffer size per cpu in KiB (4 to 1048576). Bursts larger than this between
+    /// two reads lose events (then the generation is resynced).
+    /// Default: 4096.
+    pub buffer_size_kb: u32,
+    /// How often the reader polls the loss counters and the instance's settings, in
+    /// milliseconds (10 to 60000). Sync points check them in any case.
+    /// Default: 250.
+    pub health_interval_ms: u64,
+    /// Most dirty runs held (about 40 bytes each); beyond it tracking coarsens (64 KiB,
+    /// 1 MiB, ... granules) until the next take, shipping more but never less.
+    /// Default: 1048576.
+    pub max_runs: usize,
+    /// tracefs mount point.
+    /// Default: found in /proc/self/mountinfo, else mounted at /sys/kernel/tracing.
+    pub tracefs: Option<PathBuf>,
+}
+
+impl Default for TraceOptions {
+    fn default() -> Self {
+        TraceOptions {
+            buffer_size_kb: 4096,
+            health_interval_ms: 250,
+            max_runs: 1 << 20,
+            tracefs: None,
+        }
+    }
+}
+
+impl TraceOptions {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(4..=1 << 20).contains(&self.buffer_size_kb) {
+            return Err(format!(
+                "buffer_size_kb = {} must be 4 to 1048576",
+                self.buffer_size_kb
+            ));
+        }
+        if !(10..=60_000).contains(&self.health_interval_ms) {
+            return Err(format!(
+                "health_interval_ms = {} must be 10 to 60000",
+                self.health_interval_ms
+            ));
+        }
+        if self.max_runs < 16 {
+            return Err(format!("max_runs = {} must be at least 16", self.max_runs));
+        }
+        Ok(())
+    }
+}
+
+/// What the tracer failed to do.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// The device cannot be traced.
+    #[error("cannot trace {path}: {reason}")]
+    Device {
+        /// The device given.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A tracefs file operation failed.
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// tracefs is missing or did not accept a setting.
+    #[error("tracefs: {0}")]
+    Tracefs(String),
+    /// This process already traces the device (the instance exists).
+    #[error("trace instance {0} already exists: the device is already traced by this process")]
+    AlreadyTracing(PathBuf),
+    /// Invalid [`TraceOptions`].
+    #[error("invalid trace options: {0}")]
+    Options(String),
+    /// Tracking was lost; the dirty set is incomplete.
+    #[error("tracking lost: {0}")]
+    Lost(String),
+    /// A sync point was not reached in time.
+    #[error("sync point not reached within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Dirty ranges swapped out of a tracer by [`Tracer::take`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirtySnapshot {
+    /// Written ranges `(offset, len)` in bytes: 4 KiB aligned (coarser after the set
+    /// outgrew `max_runs`), coalesced, in disk order. Ship their current content.
+    pub writes: Vec<(u64, u64)>,
+    /// Discarded ranges, disjoint from `writes`: ship as zero extents.
+    pub discards: Vec<(u64, u64)>,
+    /// Why tracking was lost, as of this take; when set the snapshot is incomplete
+    /// (start a new generation and resync).
+    pub lost: Option<String>,
+}
+
+/// Counters of a tracer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TraceStats {
+    /// `block_bio_queue` events of the device read.
+    pub events: u64,
+    /// Of those, writes (including write-zeroes and other data-changing operations).
+    pub write_events: u64,
+    /// Of those, discards.
+    pub discard_events: u64,
+    /// Bytes the write events covered.
+    pub bytes_written: u64,
+    /// Bytes the discard events covered.
+    pub bytes_discarded: u64,
+    /// Sync markers read.
+    pub markers: u64,
+    /// Dirty runs held now.
+    pub dirty_runs: usize,
+    /// Written bytes held now (to ship).
+    pub pending_write_bytes: u64,
+    /// Discarded bytes held now (to ship as zeros).
+    pub pending_discard_bytes: u64,
+    /// Current tracking granule in bytes.
+    pub granule: u64,
+    /// CPU time of the reader thread (user + system, the kernel's text formatting
+    /// included), as of its last health check.
+    pub reader_cpu: Duration,
+}
+
+#[derive(Debug)]
+struct State {
+    dirty: DirtySet,
+    lost: Option<String>,
+    marker_seen: u64,
+    stats: TraceStats,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    stop: AtomicBool,
+    /// Test hook: the reader stops reading while set (to overflow the buffer).
+    #[cfg(test)]
+    pause: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_lost(&self, reason: String) {
+        let mut st = self.lock();
+        if st.lost.is_none() {
+            tracing::debug!(%reason, "trace tracking lost");
+            st.lost = Some(reason);
+        }
+        drop(st);
+        self.changed.notify_all();
+    }
+}
+
+/// Dirty-block tracking of one block device from the kernel's block tracepoint.
+/// `Send + Sync`: share it (`Arc`) between the shipping and consistency-point tasks.
+#[derive(Debug)]
+pub struct Tracer {
+    device: PathBuf,
+    instance_dir: PathBuf,
+    shared: Arc<Shared>,
+    wake: Arc<OwnedFd>,
+    marker: Option<File>,
+    nonce: u64,
+    next_token: AtomicU64,
+    reader: Option<JoinHandle<()>>,
+    instance: Option<Instance>,
+}
+
+impl Tracer {
+    /// Starts tracing `device` (a block device). Every bio submitted after this
+    /// returns is tracked; on error nothing is left behind.
+    pub fn start(device: &Path, opts: TraceOptions) -> Result<Tracer, TraceError> {
+        opts.validate().map_err(TraceError::Options)?;
+        let target = DeviceTarget::of(device)?;
+        Self::start_target(device, target, opts)
+    }
+
+    fn start_target(
+        device: &Path,
+        target: DeviceTarget,
+        opts: TraceOptions,
+    ) -> Result<Tracer, TraceError> {
+        let tracefs = tracefs::find_or_mount(opts.tracefs.as_deref())?;
+        tracefs::remove_stale_instances(&tracefs);
+        let name = format!(
+            "{INSTANCE_PREFIX}{}-{}-{}",
+            std::process::id(),
+            target.major,
+            target.minor
+        );
+        // From here on, dropping `instance` on an error removes it again.
+        let instance = Instance::create(&tracefs, &name)?;
+        let dir = instance.dir().to_path_buf();
+        let ev = dir.join(EVENT_DIR);
+        write_ctl(&dir.join("tracing_on"), "0")?;
+        write_ctl(
+            &dir.join("buffer_size_kb"),
+            &opts.buffer_size_kb.to_string(),
+        )?;
+        set_clock(&dir)?;
+        write_ctl(&dir.join("options/overwrite"), "1")?;
+        let filter = target.filter();
+        write_ctl(&ev.join("filter"), &filter).map_err(|e| {
+            let log = read_ctl(&dir.join("error_log")).unwrap_or_default();
+            TraceError::Tracefs(format!("event filter {filter:?} refused: {e} {log}"))
+        })?;
+        let open_ro = |p: &Path| File::open(p).map_err(io_err("open", p));
+        let pipe_path = dir.join("trace_pipe");
+        let pipe = File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&pipe_path)
+            .map_err(io_err("open", &pipe_path))?;
+        let marker_path = dir.join("trace_marker");
+        let marker = File::options()
+            .write(true)
+            .open(&marker_path)
+            .map_err(io_err("open", &marker_path))?;
+        let mut health = Health {
+            stats: Vec::new(),
+            tracing_on: open_ro(&dir.join("tracing_on"))?,
+            enable: open_ro(&ev.join("enable"))?,
+            filter: open_ro(&ev.join("filter"))?,
+            expected_filter: filter,
+            dir: dir.clone(),
+            buffer_size_kb: opts.buffer_size_kb,
+            buf: Vec::new(),
+        };
+        let mut watch_dirs = vec![
+            dir.clone(),
+            dir.join("events"),
+            dir.join("events/block"),
+            ev.clone(),
+            dir.join("options"),
+        ];
+        for cpu_dir in per_cpu_dirs(&dir)? {
+            let stats = cpu_dir.1.join("stats");
+            let f = open_ro(&stats)?;
+            let text = read_ctl(&stats)?;
+            let base = parse_stats(&text).ok_or_else(|| {
+                TraceError::Tracefs(format!("{} has no overrun counter", stats.display()))
+            })?;
+            health.stats.push((cpu_dir.0, f, base));
+            watch_dirs.push(cpu_dir.1);
+        }
+        write_ctl(&ev.join("enable"), "1")?;
+        write_ctl(&dir.join("tracing_on"), "1")?;
+        // Changes from now on are seen by the watch; the check covers those before.
+        let watch = Watch::new(&watch_dirs)?;
+        health.check().map_err(TraceError::Tracefs)?;
+        let wake = Arc::new(eventfd().map_err(io_err("create eventfd for", &dir))?);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                dirty: DirtySet::new(opts.max_runs),
+                lost: None,
+                marker_seen: 0,
+                stats: TraceStats::default(),
+            }),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+            #[cfg(test)]
+            pause: AtomicBool::new(false),
+        });
+        let nonce = nonce();
+        let reader = Reader::new(ReaderParts {
+            shared: Arc::clone(&shared),
+            pipe,
+            wake: Arc::clone(&wake),
+            watch,
+            health,
+            target,
+            nonce,
+            health_every: Duration::from_millis(opts.health_interval_ms),
+        });
+        let handle = std::thread::Builder::new()
+            .name(format!(
+                "trace-{}",
+                name.trim_start_matches(INSTANCE_PREFIX)
+            ))
+            .spawn(move || reader.run())
+            .map_err(io_err("start the reader thread for", &dir))?;
+        tracing::info!(device = %device.display(), instance = %dir.display(), "tracing block writes");
+        Ok(Tracer {
+            device: device.to_path_buf(),
+            instance_dir: dir,
+            shared,
+            wake,
+            marker: Some(marker),
+            nonce,
+            next_token: AtomicU64::new(0),
+            reader: Some(handle),
+            instance: Some(instance),
+        })
+    }
+
+    /// The traced device.
+    pub fn device(&self) -> &Path {
+        &self.device
+    }
+
+    /// The tracefs instance directory.
+    pub fn instance_dir(&self) -> &Path {
+        &self.instance_dir
+    }
+
+    /// Swaps the dirty set out: written and discarded ranges since the last take.
+    ///
+    /// Without a [`Tracer::sync_point`] just before, events still in the ring buffer
+    /// are missing (they come with a later take), and a loss the reader has not found
+    /// yet is not in `lost`: only a successful sync point certifies a cut.
+    pub fn take(&self) -> DirtySnapshot {
+        let mut st = self.shared.lock();
+        let (writes, discards) = st.dirty.take();
+        DirtySnapshot {
+            writes,
+            discards,
+            lost: st.lost.clone(),
+        }
+    }
+
+    /// Why tracking was lost, if it was. Lost is final for this tracer.
+    pub fn lost(&self) -> Option<String> {
+        self.shared.lock().lost.clone()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> TraceStats {
+        let st = self.shared.lock();
+        let mut s = st.stats.clone();
+        s.dirty_runs = st.dirty.runs();
+        (s.pending_write_bytes, s.pending_discard_bytes) = st.dirty.bytes();
+        s.granule = st.dirty.granule();
+        s
+    }
+
+    /// Returns once every bio submitted before this call is in the dirty set, and no
+    /// loss happened up to then; `Lost` or `Timeout` otherwise.
+    pub fn sync_point(&self, timeout: Duration) -> Result<(), TraceError> {
+        let deadline = Instant::now() + timeout;
+        if let Some(reason) = self.lost() {
+            return Err(TraceError::Lost(reason));
+        }
+        let Some(mut marker) = self.marker.as_ref() else {
+            return Err(TraceError::Lost("the tracer is stopped".into()));
+        };
+        let token = self.next_token.fetch_add(1, Ordering::SeqCst) + 1;
+        let text = format!("boomerang-sync {:016x} {token}\n", self.nonce);
+        if let Err(e) = marker.write_all(text.as_bytes()) {
+            let reason = format!("cannot write a sync marker: {e} (was tracing switched off?)");
+            self.shared.set_lost(reason.clone());
+            return Err(TraceError::Lost(reason));
+        }
+        kick(&self.wake);
+        let mut st = self.shared.lock();
+        loop {
+            if let Some(reason) = &st.lost {
+                return Err(TraceError::Lost(reason.clone()));
+            }
+            if st.marker_seen >= token {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(TraceError::Timeout(timeout));
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Stops tracing: joins the reader, disables the event, removes the instance.
+    pub fn stop(mut self) -> Result<(), TraceError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), TraceError> {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        kick(&self.wake);
+        if let Some(h) = self.reader.take() {
+            if h.join().is_err() {
+                tracing::warn!(device = %self.device.display(), "trace reader thread panicked");
+            }
+        }
+        // Our open files of the instance would make its removal fail with EBUSY.
+        self.marker = None;
+        match self.instance.take() {
+            Some(instance) => instance.remove(),
+            None => Ok(()),
+        }
+    }
+
+    #[cfg(test)]
+    fn pause_reader(&self, pause: bool) {
+        self.shared.pause.store(pause, Ordering::SeqCst);
+        kick(&self.wake);
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::warn!(device = %self.device.display(), error = %e, "trace cleanup failed");
+        }
+    }
+}
+
+/// Sets the instance's trace clock to `counter` (a global atomic count: one strict
+/// order over all cpus), else `global`.
+fn set_clock(dir: &Path) -> Result<(), TraceError> {
+    let path = dir.join("trace_clock");
+    for clock in ["counter", "global"] {
+        if write_ctl(&path, clock).is_ok() && read_ctl(&path)?.contains(&format!("[{clock}]")) {
+            return Ok(());
+        }
+    }
+    Err(TraceError::Tracefs(format!(
+        "{} accepts neither the counter nor the global clock",
+        path.display()
+    )))
+}
+
+/// `per_cpu/cpuN` directories of an instance, with N.
+fn per_cpu_dirs(dir: &Path) -> Result<Vec<(usize, PathBuf)>, TraceError> {
+    let per_cpu = dir.join("per_cpu");
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(&per_cpu)
+        .map_err(io_err("list", &per_cpu))?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.strip_prefix("cpu")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    out.sort();
+    if out.is_empty() {
+        return Err(TraceError::Tracefs(format!(
+            "{} lists no cpus",
+            per_cpu.display()
+        )));
+    }
+    Ok(out)
+}
+
+fn nonce() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let x = t.as_secs().wrapping_mul(1_000_000_007)
+        ^ u64::from(t.subsec_nanos())
+        ^ (u64::from(std::process::id()) << 32);
+    // splitmix64 finaliser.
+    let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}

@@ -1,0 +1,445 @@
+//! Continuous replication with the trace source: the workload keeps using its own
+//! block device, the kernel's `block_bio_queue` tracepoint marks the 4 KiB blocks it
+//! writes (see [`crate::trace`]), and the agent ships their current content every
+//! `ship_interval`. Tracking starts before the first scan pass, so writes made while
+//! the disk is being scanned are shipped afterwards and the replica becomes
+//! consistent at the first tag after the scan.
+//!
+//! Consistency points need writes paused for an instant: freeze the configured mount
+//! points (hard deadline, always thawed), wait until the tracer has read every event
+//! queued before the freeze, take the dirty set, read those blocks, thaw, ship, tag.
+//! Lost trace events are never guessed around: the disk starts a new generation and
+//! is resynced by scan. An unclean stop while tracking is found at the next start by
+//! the `tracking` flag of the disk's state, with the same consequence.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use boomerang_common::config::now_ms;
+use boomerang_common::delta::{ExtentEncoder, MAX_EXTENT_LEN};
+use boomerang_common::message::{Message, Tag, TagKind};
+use boomerang_common::{Batch, ChunkHash, Codec, Extent};
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::freeze::FreezeGuard;
+use crate::source::ChangeSource;
+use crate::sync::{DiskCtx, Syncer};
+use crate::trace::{DirtySnapshot, Tracer};
+
+/// Most bytes a consistency point reads while writes are paused; above it the point
+/// is postponed and the dirty blocks shipped first without a pause.
+const MAX_PAUSED_BYTES: u64 = 64 << 20;
+
+/// Figures of a tracking session, printed at the end.
+#[derive(Debug, Default, Serialize)]
+pub struct TrackReport {
+    /// Batches shipped after the first pass.
+    pub batches: u64,
+    /// Raw bytes of dirty blocks shipped.
+    pub bytes_shipped: u64,
+    /// Consistency points tagged.
+    pub points: u64,
+    /// Points abandoned (deadline, or too much dirty to read while paused).
+    pub points_abandoned: u64,
+    /// Writes held by each pause, in milliseconds.
+    pub pauses_ms: Vec<f64>,
+    /// New generations started because tracking was lost.
+    pub resyncs: u64,
+}
+
+struct Tracked {
+    disk: DiskCtx,
+    tracer: Tracer,
+}
+
+impl Syncer {
+    /// Replicates every configured disk continuously until SIGTERM.
+    pub async fn track(&self) -> anyhow::Result<TrackReport> {
+        let cfg = &self.config;
+        std::fs::create_dir_all(&cfg.state_dir)
+            .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
+        let mut report = TrackReport::default();
+        let mut disks = Vec::new();
+        for d in &cfg.disks {
+            let disk = self.open_disk(&d.id, &d.path).await?;
+            // Track first, then scan: writes during the scan are caught.
+            let tracer = Tracer::start(&d.path, cfg.trace.clone()).with_context(|| {
+                format!("tracing writes of disk {} ({})", d.id, d.path.display())
+            })?;
+            disks.push(Tracked { disk, tracer });
+        }
+        for t in &mut disks {
+            self.first_pass(&mut t.disk, now_ms(), false).await?;
+            set_tracking(&mut t.disk, true)?;
+        }
+        info!(disks = disks.len(), "tracking writes");
+        let ship_every = Duration::from_millis(cfg.ship_interval_ms);
+        let crash_every = Duration::from_secs_f64(cfg.crash_interval_secs);
+        let app_every = Duration::from_secs_f64(cfg.app_interval_secs);
+        let mut next_crash = Instant::now() + crash_every;
+        let mut next_app = Instant::now() + app_every;
+        let mut shutdown = self.shutdown.clone();
+        let result = loop {
+            tokio::select! {
+                _ = tokio::time::sleep(ship_every) => {}
+                _ = shutdown.changed() => {}
+            }
+            if *self.shutdown.borrow() {
+                break Ok(());
+            }
+            if let Err(e) = self.resync_lost(&mut disks, &mut report).await {
+                break Err(e);
+            }
+            let now = Instant::now();
+            let step = if now >= next_app {
+                next_app = now + app_every;
+                next_crash = now + crash_every;
+                self.point(&mut disks, TagKind::AppConsistent, &mut report)
+                    .await
+            } else if now >= next_crash {
+                next_crash = now + crash_every;
+                self.point(&mut disks, TagKind::CrashConsistent, &mut report)
+                    .await
+            } else {
+                self.ship_dirty(&mut disks, &mut report).await
+            };
+            if let Err(e) = step {
+                break Err(e);
+            }
+        };
+        // A clean stop ships what is still dirty, then records that nothing was missed.
+        let mut clean = result.is_ok();
+        for t in &disks {
+            // Everything queued before the stop must be in the last dirty sets.
+            if let Err(e) = t.tracer.sync_point(Duration::from_secs(2)) {
+                warn!(disk = %t.disk.id, error = %e, "could not drain the tracer at stop; the next start resyncs");
+                clean = false;
+            }
+        }
+        if clean {
+            if let Err(e) = self.ship_dirty(&mut disks, &mut report).await {
+                warn!(error = %format!("{e:#}"), "could not ship the last changes; the next start resyncs");
+                clean = false;
+            }
+        }
+        for t in disks {
+            let Tracked { mut disk, tracer } = t;
+            let lost = tracer.lost();
+            if let Err(e) = tracer.stop() {
+                warn!(disk = %disk.id, error = %e, "stopping the tracer");
+            }
+            if clean && lost.is_none() {
+                set_tracking(&mut disk, false)?;
+            }
+        }
+        result.map(|()| report)
+    }
+
+    /// Starts a new generation (and a scan resync) for every disk whose tracer lost
+    /// events, with a fresh tracer started before the scan.
+    async fn resync_lost(
+        &self,
+        disks: &mut [Tracked],
+        report: &mut TrackReport,
+    ) -> anyhow::Result<()> {
+        for t in disks.iter_mut() {
+            let Some(why) = t.tracer.lost() else { continue };
+            warn!(disk = %t.disk.id, reason = %why, "write tracking lost events: new generation, resync by scan");
+            let path = t.disk.source.path().to_path_buf();
+            let fresh = Tracer::start(&path, self.config.trace.clone())
+                .with_context(|| format!("restarting the tracer of disk {}", t.disk.id))?;
+            let old = std::mem::replace(&mut t.tracer, fresh);
+            let _ = old.stop();
+            self.first_pass(&mut t.disk, now_ms(), true).await?;
+            set_tracking(&mut t.disk, true)?;
+            report.resyncs += 1;
+        }
+        Ok(())
+    }
+
+    async fn ship_dirty(
+        &self,
+        disks: &mut [Tracked],
+        report: &mut TrackReport,
+    ) -> anyhow::Result<()> {
+        for t in disks.iter_mut() {
+            let snap = t.tracer.take();
+            if snap.lost.is_some() {
+                continue; // resynced at the next tick
+            }
+            let frames = self.build(&t.disk, &snap).await?;
+            self.ship(&mut t.disk, frames, report).await?;
+        }
+        Ok(())
+    }
+
+    /// One consistency point across all disks: pause, capture, resume, ship, tag.
+    async fn point(
+        &self,
+        disks: &mut [Tracked],
+        kind: TagKind,
+        report: &mut TrackReport,
+    ) -> anyhow::Result<()> {
+        // Ship the bulk first so the pause only covers what changes meanwhile.
+        self.ship_dirty(disks, report).await?;
+        let deadline = Duration::from_secs_f64(self.config.pause_deadline_secs);
+        let mounts = self.config.freeze.clone();
+        if mounts.is_empty() {
+            bail!("consistency points of the trace source need a pause: configure freeze mount points (--freeze)");
+        }
+        for t in disks.iter_mut() {
+            let mut p = t.disk.state.get().clone();
+            p.frozen.clone_from(&mounts);
+            t.disk.state.store(p)?;
+        }
+        let paused = Instant::now();
+        let guard = FreezeGuard::freeze(&mounts, deadline).map_err(anyhow::Error::msg)?;
+        let captured = self.capture(disks, deadline).await;
+        guard.thaw();
+        let held = paused.elapsed();
+        let deadline_hit = guard.deadline_hit();
+        drop(guard);
+        for t in disks.iter_mut() {
+            let mut p = t.disk.state.get().clone();
+            p.frozen.clear();
+            t.disk.state.store(p)?;
+        }
+        let captured = match captured {
+            Ok(c) if !deadline_hit => c,
+            Ok(c) => {
+                // Ship what was captured (still correct data), but no tag: the pause
+                // did not hold to the end.
+                warn!(
+                    held_ms = held.as_millis(),
+                    "pause deadline passed: consistency point abandoned"
+                );
+                report.points_abandoned += 1;
+                for (t, frames) in disks.iter_mut().zip(c) {
+                    self.ship(&mut t.disk, frames, report).await?;
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "consistency point abandoned");
+                report.points_abandoned += 1;
+                return Ok(());
+            }
+        };
+        report.pauses_ms.push(held.as_secs_f64() * 1000.0);
+        let point_id = now_ms();
+        for (t, frames) in disks.iter_mut().zip(captured) {
+            self.ship(&mut t.disk, frames, report).await?;
+            self.tag(&mut t.disk, kind, point_id).await?;
+        }
+        report.points += 1;
+        info!(
+            ?kind,
+            point_id,
+            pause_ms = held.as_millis(),
+            "consistency point tagged"
+        );
+        Ok(())
+    }
+
+    /// While paused: wait for the tracers to read everything queued, take the dirty
+    /// sets, read the blocks. Fails (the point is abandoned) on a lost tracer or when
+    /// too much is dirty to read within the pause.
+    async fn capture(
+        &self,
+        disks: &mut [Tracked],
+        deadline: Duration,
+    ) -> anyhow::Result<Vec<Vec<Vec<Extent>>>> {
+        let mut snaps = Vec::new();
+        for t in disks.iter() {
+            t.tracer
+                .sync_point(deadline / 2)
+                .map_err(|e| anyhow!("disk {}: {e}", t.disk.id))?;
+            snaps.push(t.tracer.take());
+        }
+        let dirty: u64 = snaps
+            .iter()
+            .flat_map(|s| s.writes.iter())
+            .map(|(_, l)| l)
+            .sum();
+        if dirty > MAX_PAUSED_BYTES {
+            // Put nothing back: ship it all now, without a tag.
+            for (t, snap) in disks.iter_mut().zip(&snaps) {
+                let frames = self.build(&t.disk, snap).await?;
+                let mut scratch = TrackReport::default();
+                self.ship(&mut t.disk, frames, &mut scratch).await?;
+            }
+            bail!(
+                "{} MiB dirty at the pause, more than {} MiB: point postponed",
+                dirty >> 20,
+                MAX_PAUSED_BYTES >> 20
+            );
+        }
+        let mut out = Vec::new();
+        for (t, snap) in disks.iter().zip(&snaps) {
+            out.push(self.build(&t.disk, snap).await?);
+        }
+        Ok(out)
+    }
+
+    /// Reads and encodes the dirty blocks of `snap` into the extents of each batch
+    /// (seqs are given at shipping). Runs on a blocking thread.
+    async fn build(
+        &self,
+        disk: &DiskCtx,
+        snap: &DirtySnapshot,
+    ) -> anyhow::Result<Vec<Vec<Extent>>> {
+        if snap.writes.is_empty() && snap.discards.is_empty() {
+            return Ok(Vec::new());
+        }
+        let source = disk.source.clone();
+        let snap = snap.clone();
+        let chunk = u64::from(self.config.chunk_size());
+        let batch_raw = u64::from(self.config.batch_mib) << 20;
+        let level = self.config.compression_level;
+        let id = disk.id.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Vec<Extent>>> {
+            let mut encoder = ExtentEncoder::new(level).map_err(|e| anyhow!("zstd: {e}"))?;
+            let mut buf = Vec::new();
+            let mut batches: Vec<Vec<Extent>> = vec![Vec::new()];
+            let mut raw_in_batch = 0u64;
+            let push = |e: Extent, batches: &mut Vec<Vec<Extent>>, raw: &mut u64| {
+                if *raw + u64::from(e.len) > batch_raw && !batches.last().is_none_or(Vec::is_empty)
+                {
+                    batches.push(Vec::new());
+                    *raw = 0;
+                }
+                *raw += u64::from(e.len);
+                if let Some(b) = batches.last_mut() {
+                    b.push(e);
+                }
+            };
+            let size = source.geometry().size;
+            for &(offset, len) in &snap.writes {
+                let end = (offset + len).min(size);
+                let mut at = offset;
+                while at < end {
+                    let n = chunk.min(end - at);
+                    let data = source
+                        .read_unit(at, usize::try_from(n).unwrap_or(0), &mut buf)
+                        .with_context(|| format!("reading disk {id} at {at}"))?;
+                    let extent = encoder.encode(at, data, ChunkHash::of(data));
+                    push(extent, &mut batches, &mut raw_in_batch);
+                    at += n;
+                }
+            }
+            for &(offset, len) in &snap.discards {
+                let end = (offset + len).min(size);
+                let mut at = offset;
+                while at < end {
+                    let n = u64::from(MAX_EXTENT_LEN).min(end - at);
+                    let len32 = u32::try_from(n).unwrap_or(MAX_EXTENT_LEN);
+                    push(
+                        Extent {
+                            offset: at,
+                            len: len32,
+                            hash: ChunkHash::of_zeros(len32 as usize),
+                            codec: Codec::Zero,
+                            payload: Bytes::new(),
+                        },
+                        &mut batches,
+                        &mut raw_in_batch,
+                    );
+                    at += n;
+                }
+            }
+            batches.retain(|b| !b.is_empty());
+            Ok(batches)
+        })
+        .await
+        .map_err(|e| anyhow!("reader thread failed: {e}"))?
+    }
+
+    /// Ships built batches with consecutive seqs, several in flight, and records the
+    /// new next seq once the process server holds them all.
+    async fn ship(
+        &self,
+        disk: &mut DiskCtx,
+        batches: Vec<Vec<Extent>>,
+        report: &mut TrackReport,
+    ) -> anyhow::Result<()> {
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let generation = disk.state.get().generation;
+        let base = disk.state.get().next_seq;
+        let window = std::sync::Arc::new(tokio::sync::Semaphore::new(self.config.in_flight));
+        let mut sends = JoinSet::new();
+        let count = batches.len() as u64;
+        for (i, extents) in batches.into_iter().enumerate() {
+            let batch = Batch {
+                disk: disk.id.clone(),
+                generation,
+                seq: base + i as u64,
+                extents,
+            };
+            report.bytes_shipped += batch.raw_len();
+            let frame = Message::Batch(batch).encode();
+            let permit = window.clone().acquire_owned().await?;
+            let link = self.link.clone();
+            sends.spawn(async move {
+                let r = link.request(frame).await;
+                drop(permit);
+                r
+            });
+        }
+        while let Some(done) = sends.join_next().await {
+            match done {
+                Ok(Ok(Message::DurableAck { .. })) => {}
+                Ok(Ok(other)) => bail!(
+                    "disk {}: unexpected answer {} to a batch",
+                    disk.id,
+                    other.name()
+                ),
+                Ok(Err(e)) => bail!("disk {}: shipping failed: {e}", disk.id),
+                Err(e) => bail!("disk {}: send task failed: {e}", disk.id),
+            }
+        }
+        report.batches += count;
+        let mut p = disk.state.get().clone();
+        p.next_seq = base + count;
+        disk.state.store(p)?;
+        Ok(())
+    }
+
+    async fn tag(&self, disk: &mut DiskCtx, kind: TagKind, point_id: u64) -> anyhow::Result<()> {
+        let p = disk.state.get().clone();
+        let tag = Tag {
+            disk: disk.id.clone(),
+            generation: p.generation,
+            seq: p.next_seq,
+            kind,
+            point_id,
+            time_ms: now_ms(),
+            group: self.config.group(),
+        };
+        match self.link.request(Message::Tag(tag).encode()).await? {
+            Message::DurableAck { .. } => {}
+            other => bail!(
+                "tag for disk {}: unexpected answer {}",
+                disk.id,
+                other.name()
+            ),
+        }
+        let mut p = disk.state.get().clone();
+        p.next_seq += 1;
+        disk.state.store(p)?;
+        Ok(())
+    }
+}
+
+fn set_tracking(disk: &mut DiskCtx, on: bool) -> anyhow::Result<()> {
+    let mut p = disk.state.get().clone();
+    if p.tracking != on {
+        p.tracking = on;
+        disk.state.store(p)?;
+    }
+    Ok(())
+}
