@@ -70,6 +70,11 @@ pub struct DiskRecord {
     pub bytes_applied: u64,
     /// The cut the replica is consistent at, when it is.
     pub cut: Option<Cut>,
+    /// The most recent cuts of the current generation the replica has been
+    /// consistent at, oldest first (at most [`RECENT_CUTS`]); the retention journal
+    /// will keep the data to go back to them.
+    #[serde(default)]
+    pub recent_cuts: Vec<Cut>,
     /// Batches refused because an extent failed its hash.
     pub integrity_failures: u64,
     /// When the last record was applied (ms since epoch).
@@ -210,6 +215,9 @@ pub struct Disk {
     flush_failed: AtomicBool,
 }
 
+/// How many recent cuts a disk record lists.
+pub const RECENT_CUTS: usize = 64;
+
 /// How long a record waits for its predecessor before it is refused.
 const GAP_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -276,13 +284,19 @@ impl Disk {
     pub async fn apply_tag(&self, tag: &Tag) -> Result<Outcome, ApplyError> {
         self.apply_in_order(tag.generation, tag.seq, |disk| {
             let mut rec = lock(&disk.record);
-            rec.cut = Some(Cut {
+            let cut = Cut {
                 kind: tag.kind,
                 point_id: tag.point_id,
                 time_ms: tag.time_ms,
                 generation: tag.generation,
                 seq: tag.seq,
-            });
+            };
+            rec.recent_cuts.retain(|c| c.generation == tag.generation);
+            if rec.recent_cuts.len() >= RECENT_CUTS {
+                rec.recent_cuts.remove(0);
+            }
+            rec.recent_cuts.push(cut.clone());
+            rec.cut = Some(cut);
             if !tag.group.is_empty() {
                 rec.group.clone_from(&tag.group);
             }
@@ -341,6 +355,7 @@ impl Disk {
                     if generation > rec.position.generation {
                         info!(disk = %self.id, from = rec.position.generation, to = generation, "new generation: replica inconsistent until its first tag");
                         rec.cut = None;
+                        rec.recent_cuts.clear();
                     }
                 }
                 apply(self)?;
@@ -474,6 +489,7 @@ mod tests {
             },
             bytes_applied: 0,
             cut: None,
+            recent_cuts: Vec::new(),
             integrity_failures: 0,
             last_apply_ms: 0,
         };
@@ -541,6 +557,7 @@ mod tests {
         };
         disk.apply_tag(&tag).await.expect("tag");
         assert!(disk.record().cut.is_some());
+        assert_eq!(disk.record().recent_cuts.len(), 1);
         let v = verify_batch(&batch(0, 2, 65536, 2), 1 << 20).expect("verifies");
         assert_eq!(
             disk.apply_batch(2, 0, v).await.expect("gen 2"),

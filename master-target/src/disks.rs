@@ -176,6 +176,7 @@ impl Disks {
             },
             bytes_applied: 0,
             cut: None,
+            recent_cuts: Vec::new(),
             integrity_failures: 0,
             last_apply_ms: 0,
         };

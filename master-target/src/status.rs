@@ -33,6 +33,8 @@ pub struct DiskStatus {
     pub point_id: Option<u64>,
     /// Wall time of that cut (ms since epoch).
     pub cut_time_ms: Option<u64>,
+    /// Recent cuts of the current generation: (kind, point id, time ms), oldest first.
+    pub points: Vec<(String, u64, u64)>,
     /// Seconds since the last record was applied.
     pub lag_seconds: Option<u64>,
     /// Batches refused for a failed hash check.
@@ -54,19 +56,26 @@ impl DiskStatus {
             next_seq: r.position.next_seq,
             bytes_applied: r.bytes_applied,
             consistent,
-            cut: r.cut.as_ref().map(|c| {
-                serde_json::to_value(c.kind)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
-            }),
+            cut: r.cut.as_ref().map(|c| kind_name(c.kind)),
             point_id: r.cut.as_ref().map(|c| c.point_id),
             cut_time_ms: r.cut.as_ref().map(|c| c.time_ms),
+            points: r
+                .recent_cuts
+                .iter()
+                .map(|c| (kind_name(c.kind), c.point_id, c.time_ms))
+                .collect(),
             lag_seconds: (r.last_apply_ms > 0)
                 .then(|| now_ms.saturating_sub(r.last_apply_ms) / 1000),
             integrity_failures: r.integrity_failures,
         }
     }
+}
+
+fn kind_name(kind: boomerang_common::message::TagKind) -> String {
+    serde_json::to_value(kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// Reads the status of every disk in `state_dir`.
