@@ -40,6 +40,9 @@ pub struct DiskProgress {
     /// uncleanly and writes may have been missed (new generation, resync).
     #[serde(default)]
     pub tracking: bool,
+    /// Disk size when last shipped (0: unknown); a change starts a new generation.
+    #[serde(default)]
+    pub size: u64,
 }
 
 impl DiskProgress {
@@ -52,6 +55,7 @@ impl DiskProgress {
             pass: None,
             frozen: Vec::new(),
             tracking: false,
+            size: 0,
         }
     }
 }

@@ -240,7 +240,12 @@ impl Syncer {
         if mine.tracking {
             warn!(disk = %disk.id, "the agent stopped uncleanly while tracking writes: changes may have been missed");
         }
+        let resized = mine.size != 0 && mine.size != geometry.size;
+        if resized {
+            warn!(disk = %disk.id, from = mine.size, to = geometry.size, "the disk was resized: new generation");
+        }
         let continue_gen = !force_new_generation
+            && !resized
             && !mine.tracking
             && mine.generation > 0
             && mine.generation >= remote.generation
@@ -285,6 +290,7 @@ impl Syncer {
             ),
         };
         progress.pass = Some(pass.clone());
+        progress.size = geometry.size;
         disk.state.store(progress)?;
         disk.report.generation = disk.state.get().generation;
         self.run_pass(disk, &pass, from).await?;

@@ -262,6 +262,27 @@ impl Disk {
         *self.durable.borrow()
     }
 
+    /// Follows a resized source: resizes the replica, then durably records the new
+    /// size. The agent starts a new generation after a resize, so the replica is
+    /// consistent again only at that generation's first tag.
+    pub fn resize(&self, size: u64) -> Result<(), ApplyError> {
+        let io = |what, source| ApplyError::Io {
+            disk: self.id.clone(),
+            what,
+            source,
+        };
+        self.replica.resize(size).map_err(|e| io("resize", e))?;
+        let record = {
+            let mut rec = lock(&self.record);
+            info!(disk = %self.id, from = rec.size, to = size, "replica resized");
+            rec.size = size;
+            rec.clone()
+        };
+        lock(&self.state)
+            .store(record)
+            .map_err(|e| io("store disk record", std::io::Error::other(e)))
+    }
+
     /// Counts a refused batch and persists the count.
     pub fn count_integrity_failure(&self) {
         lock(&self.record).integrity_failures += 1;

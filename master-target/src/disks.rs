@@ -142,13 +142,10 @@ impl Disks {
         if let Ok(d) = self.get(disk) {
             let rec = d.record();
             if rec.size != size {
-                return Err(DisksError::Bad {
+                d.resize(size).map_err(|e| DisksError::Bad {
                     disk: disk.to_string(),
-                    reason: format!(
-                        "source is {size} bytes but the replica is {} bytes; resizing a protected disk is not supported yet: remove the disk at the master target and protect it again",
-                        rec.size
-                    ),
-                });
+                    reason: e.to_string(),
+                })?;
             }
             let pos = d.durable();
             return Ok(DiskState {

@@ -6,6 +6,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Where a replica's bytes live.
 pub trait Replica: Send + Sync + std::fmt::Debug {
@@ -19,6 +20,9 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Makes every completed write durable (fdatasync).
     fn flush(&self) -> io::Result<()>;
+    /// Follows a resized source disk: an image file is grown or shrunk (durably); a
+    /// block device must hold at least `size` bytes.
+    fn resize(&self, size: u64) -> io::Result<()>;
 }
 
 /// A replica in an image file (created sparse) or on an existing block device.
@@ -26,7 +30,9 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
 pub struct FileReplica {
     path: PathBuf,
     file: File,
-    size: u64,
+    size: AtomicU64,
+    /// Bytes the block device holds (unused for image files).
+    capacity: u64,
     block_device: bool,
 }
 
@@ -66,11 +72,12 @@ impl FileReplica {
         Ok(FileReplica {
             path: path.to_path_buf(),
             file,
-            size: if block_device {
+            size: AtomicU64::new(if block_device {
                 size.min(actual)
             } else {
                 actual
-            },
+            }),
+            capacity: actual,
             block_device,
         })
     }
@@ -85,7 +92,28 @@ static ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
 
 impl Replica for FileReplica {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::SeqCst)
+    }
+
+    fn resize(&self, size: u64) -> io::Result<()> {
+        if self.block_device {
+            if size > self.capacity {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "block device {} holds {} bytes, the resized source needs {size}: give a larger device",
+                        self.path.display(),
+                        self.capacity
+                    ),
+                ));
+            }
+        } else {
+            self.file.set_len(size)?;
+            // The new length must survive a crash before the record says so.
+            self.file.sync_all()?;
+        }
+        self.size.store(size, Ordering::SeqCst);
+        Ok(())
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {

@@ -193,6 +193,40 @@ fn image_disk_replicates_exactly() {
     assert_eq!(st.integrity_failures, 0, "{}", status.raw);
 }
 
+// Generations (issue 3): a resized disk starts a new generation at both ends; the
+// replica follows the new size and holds the source's bytes again, grown or shrunk.
+#[test]
+fn a_resized_disk_starts_a_new_generation_and_follows_the_size() {
+    let cluster = cluster();
+    let source = cluster.root().join("source.img");
+    make_mixed_image(&source, 64 * MIB, 7);
+    let args = cluster.agent1().disk(DISK, &source);
+    sync(&cluster, &args);
+    assert_eq!(cluster.mt_status().disk(DISK).generation, 1);
+    for (size, generation) in [(96 * MIB, 2), (40 * MIB, 3)] {
+        let f = File::options()
+            .write(true)
+            .open(&source)
+            .expect("open source");
+        f.set_len(size).expect("resize source");
+        f.write_all_at(&[0x5a; 4096], size - 4096)
+            .expect("write the new tail");
+        drop(f);
+        let report = sync(&cluster, &args);
+        assert_eq!(report.disk(DISK).bytes_read, size, "{}", report.raw);
+        let status = cluster.mt_status();
+        let st = status.disk(DISK);
+        assert_eq!(
+            (st.size, st.generation),
+            (size, generation),
+            "{}",
+            status.raw
+        );
+        assert!(st.consistent, "{}", status.raw);
+        assert_replica_equals_source(&cluster, DISK, &source);
+    }
+}
+
 // Performance shape: "skip unchanged chunks before they cost bandwidth". A resync after
 // 1 % of the chunks changed sends about what those chunks compress to, and a resync of
 // an unchanged disk sends next to nothing.
