@@ -407,11 +407,13 @@ impl Spool {
     ) -> Vec<Key> {
         let idx = self.lock();
         let mut per_disk: BTreeMap<&str, Vec<&Key>> = BTreeMap::new();
-        let mut blocked: BTreeSet<&str> = BTreeSet::new();
+        // Blocked per generation: a gap that will never fill (its agent moved on to a
+        // new generation) must not hold back the newer generation's records.
+        let mut blocked: BTreeSet<(&str, u64)> = BTreeSet::new();
         let mut frontier: HashMap<&str, (u64, u64)> = HashMap::new();
         for key in idx.entries.keys() {
             let disk = key.0.as_str();
-            if blocked.contains(disk) {
+            if blocked.contains(&(disk, key.1)) {
                 continue;
             }
             let here = (key.1, key.2);
@@ -424,7 +426,7 @@ impl Spool {
                 Some((g, s)) => here <= (g, s) || here == (g, s + 1) || (key.1 > g && key.2 == 0),
             };
             if !eligible {
-                blocked.insert(disk);
+                blocked.insert((disk, key.1));
                 continue;
             }
             if last.is_none_or(|l| here > l) {
@@ -868,6 +870,36 @@ mod tests {
             seqs(spool.next_unsent(&BTreeSet::new(), 10, &mut sent)),
             vec![2, 3, 4]
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gap_in_an_abandoned_generation_does_not_hold_back_the_next() {
+        // The agent died with seq 1 of generation 1 unsent and restarted in generation
+        // 2: generation 1's gap never fills, generation 2 must flow anyway.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), 64 << 20).expect("open");
+        let gen_tag = |generation: u64, seq: u64| {
+            Message::Tag(Tag {
+                disk: "d0".into(),
+                generation,
+                seq,
+                kind: TagKind::CrashConsistent,
+                point_id: seq,
+                time_ms: 0,
+                group: "g".into(),
+            })
+        };
+        for (g, seq) in [(1u64, 0u64), (1, 2), (2, 0), (2, 1)] {
+            let m = gen_tag(g, seq);
+            spool.append(&m, m.encode()).await.expect("append");
+        }
+        let mut sent = HashMap::new();
+        let keys: Vec<(u64, u64)> = spool
+            .next_unsent(&BTreeSet::new(), 10, &mut sent)
+            .into_iter()
+            .map(|k| (k.1, k.2))
+            .collect();
+        assert_eq!(keys, vec![(1, 0), (2, 0), (2, 1)]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
