@@ -42,6 +42,15 @@ enum Command {
         /// Seconds between app-consistent points.
         #[arg(long)]
         app_interval: Option<f64>,
+        /// Where changes come from.
+        #[arg(long, value_enum)]
+        source: Option<crate::config::TrackSource>,
+        /// Intercept source: serve each disk as <DIR>/<disk id>/disk.
+        #[arg(long)]
+        serve_dir: Option<PathBuf>,
+        /// Intercept source: journal capacity per disk in MiB.
+        #[arg(long)]
+        journal_mib: Option<u64>,
     },
     /// Sync every disk now and then every --interval seconds, until SIGTERM.
     Run {
@@ -149,10 +158,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             args,
             crash_interval,
             app_interval,
-        } => (args, None, Some((crash_interval, app_interval))),
+            source,
+            serve_dir,
+            journal_mib,
+        } => (
+            args,
+            None,
+            Some((crash_interval, app_interval, source, serve_dir, journal_mib)),
+        ),
     };
     let mut config = args.config()?;
-    if let Some((crash, app)) = track {
+    if let Some((crash, app, source, serve_dir, journal_mib)) = track.clone() {
+        if let Some(v) = source {
+            config.source = v;
+        }
+        if serve_dir.is_some() {
+            config.serve_dir = serve_dir;
+        }
+        if let Some(v) = journal_mib {
+            config.journal_mib = v;
+        }
         if let Some(v) = crash {
             config.crash_interval_secs = v;
         }
@@ -186,7 +211,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         let every = interval.map(|i| Duration::from_secs(i.unwrap_or(config.interval_secs)));
         let syncer = Syncer::new(config, link.clone(), shutdown.clone());
         if track.is_some() {
-            let result = syncer.track().await;
+            let result = match syncer.config.source {
+                crate::config::TrackSource::Trace => syncer.track().await,
+                crate::config::TrackSource::Intercept => syncer.track_intercept().await,
+            };
             if let Ok(report) = &result {
                 print_track_report(report, args.json);
             }

@@ -7,6 +7,16 @@ use boomerang_common::config::TlsPaths;
 use boomerang_common::message::CHUNK_SIZE_RANGE;
 use serde::{Deserialize, Serialize};
 
+/// Where continuous tracking finds changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackSource {
+    /// Kernel block write tracepoints on the workload's own block device.
+    Trace,
+    /// The agent serves the disk through FUSE and journals every write in order.
+    Intercept,
+}
+
 /// One protected disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,6 +86,18 @@ pub struct AgentConfig {
     /// the point abandoned.
     /// Default: 2.
     pub pause_deadline_secs: f64,
+    /// Continuous tracking source: `trace` (the workload keeps its block device; kernel
+    /// write tracepoints) or `intercept` (the agent serves the disk as a file through
+    /// FUSE under `serve_dir`; write-order fidelity).
+    /// Default: `trace`.
+    pub source: TrackSource,
+    /// Intercept source: directory under which each disk is served as
+    /// `<serve_dir>/<disk id>/disk`. Default: none.
+    pub serve_dir: Option<PathBuf>,
+    /// Intercept source: journal capacity per disk in MiB; when full the disk drops to
+    /// bitmap mode until it catches up.
+    /// Default: 1024.
+    pub journal_mib: u64,
     /// Kernel write tracing settings (buffer size, health checks).
     pub trace: crate::trace::TraceOptions,
     /// TLS identity. Default: none (set it, or pass --pki-dir).
@@ -103,6 +125,9 @@ impl Default for AgentConfig {
             crash_interval_secs: 300.0,
             app_interval_secs: 3600.0,
             pause_deadline_secs: 2.0,
+            source: TrackSource::Trace,
+            serve_dir: None,
+            journal_mib: 1024,
             trace: crate::trace::TraceOptions::default(),
             tls: TlsPaths::default(),
         }
@@ -162,6 +187,9 @@ impl AgentConfig {
             }
         }
         self.trace.validate()?;
+        if self.journal_mib == 0 {
+            return Err("journal_mib must be at least 1".into());
+        }
         if self.freeze_deadline_secs.is_nan() || self.freeze_deadline_secs <= 0.0 {
             return Err("freeze_deadline_secs must be positive".into());
         }

@@ -135,16 +135,22 @@ impl Syncer {
     pub async fn sync(&self, wait: Wait) -> anyhow::Result<SyncReport> {
         let started = Instant::now();
         let (tx0, rx0) = self.link.wire_bytes().await;
-        std::fs::create_dir_all(&self.config.state_dir)
-            .with_context(|| format!("creating state dir {}", self.config.state_dir.display()))?;
         let mut disks = Vec::new();
         for d in &self.config.disks {
             disks.push(self.open_disk(&d.id, &d.path).await?);
         }
         let group_point = now_ms();
         // Pass 1: bring each replica up to date (resuming an interrupted pass).
+        // A disk whose continuous tracking stopped uncleanly may have missed writes:
+        // new generation; once resynced it is trusted again.
         for disk in &mut disks {
-            self.first_pass(disk, group_point, false).await?;
+            let unclean = unclean_tracking(disk);
+            self.first_pass(disk, group_point, unclean).await?;
+            if unclean {
+                let mut p = disk.state.get().clone();
+                p.tracking = false;
+                disk.state.store(p)?;
+            }
         }
         let freeze = !self.config.freeze.is_empty();
         if wait == Wait::MasterTarget || freeze {
@@ -175,6 +181,8 @@ impl Syncer {
     }
 
     pub(crate) async fn open_disk(&self, id: &str, path: &Path) -> anyhow::Result<DiskCtx> {
+        std::fs::create_dir_all(&self.config.state_dir)
+            .with_context(|| format!("creating state dir {}", self.config.state_dir.display()))?;
         let unit = u64::from(self.config.batch_mib) << 20;
         let source = ScanSource::open(path, self.config.chunk_size(), unit)
             .with_context(|| format!("opening disk {id} at {}", path.display()))?;
@@ -237,16 +245,12 @@ impl Syncer {
         let mine = disk.state.get().clone();
         let geometry = disk.source.geometry();
         let pass_end = |p: &PassState| p.base_seq + p.geometry.units() + 1;
-        if mine.tracking {
-            warn!(disk = %disk.id, "the agent stopped uncleanly while tracking writes: changes may have been missed");
-        }
         let resized = mine.size != 0 && mine.size != geometry.size;
         if resized {
             warn!(disk = %disk.id, from = mine.size, to = geometry.size, "the disk was resized: new generation");
         }
         let continue_gen = !force_new_generation
             && !resized
-            && !mine.tracking
             && mine.generation > 0
             && mine.generation >= remote.generation
             && match &mine.pass {
@@ -266,7 +270,6 @@ impl Syncer {
                 generation,
                 next_seq: 0,
                 pass: None,
-                tracking: false,
                 ..progress
             };
         }
@@ -311,7 +314,19 @@ impl Syncer {
             disk.state.store(p)?;
         }
         let deadline = Duration::from_secs_f64(self.config.freeze_deadline_secs);
-        let guard = FreezeGuard::freeze(&mounts, deadline).map_err(anyhow::Error::msg)?;
+        let guard = match FreezeGuard::freeze(&mounts, deadline) {
+            Ok(g) => g,
+            Err(e) => {
+                // Nothing of ours is frozen: forget the mounts so the next start does
+                // not thaw someone else's freeze.
+                for disk in disks.iter_mut() {
+                    let mut p = disk.state.get().clone();
+                    p.frozen.clear();
+                    disk.state.store(p)?;
+                }
+                return Err(anyhow::Error::msg(e));
+            }
+        };
         let frozen_at = Instant::now();
         // A signal thaws at once, even while a request is stuck waiting on the network.
         let on_signal = {
@@ -615,6 +630,16 @@ impl Syncer {
         }
         Ok(())
     }
+}
+
+/// Whether continuous tracking of `disk` stopped uncleanly (the flag is set while it
+/// runs): then writes may have been missed and a new generation must start.
+pub(crate) fn unclean_tracking(disk: &DiskCtx) -> bool {
+    let unclean = disk.state.get().tracking;
+    if unclean {
+        warn!(disk = %disk.id, "the agent stopped uncleanly while tracking writes: changes may have been missed, resyncing in a new generation");
+    }
+    unclean
 }
 
 /// Units acknowledged so far: the contiguous prefix and the ones beyond it.

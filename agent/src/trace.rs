@@ -462,6 +462,12 @@ impl Tracer {
         self.shutdown()
     }
 
+    /// Stops tracing without consuming the tracer (so a replacement can be started
+    /// in its place under the same instance name); idempotent.
+    pub fn stop_in_place(&mut self) -> Result<(), TraceError> {
+        self.shutdown()
+    }
+
     fn shutdown(&mut self) -> Result<(), TraceError> {
         self.shared.stop.store(true, Ordering::SeqCst);
         kick(&self.wake);

@@ -59,8 +59,6 @@ impl Syncer {
     /// Replicates every configured disk continuously until SIGTERM.
     pub async fn track(&self) -> anyhow::Result<TrackReport> {
         let cfg = &self.config;
-        std::fs::create_dir_all(&cfg.state_dir)
-            .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
         let mut report = TrackReport::default();
         let mut disks = Vec::new();
         for d in &cfg.disks {
@@ -72,8 +70,11 @@ impl Syncer {
             disks.push(Tracked { disk, tracer });
         }
         for t in &mut disks {
-            self.first_pass(&mut t.disk, now_ms(), false).await?;
+            // Set before the scan: a crash during it must not resume this pass in the
+            // same generation, since writes to units already sent die with the tracer.
+            let unclean = crate::sync::unclean_tracking(&t.disk);
             set_tracking(&mut t.disk, true)?;
+            self.first_pass(&mut t.disk, now_ms(), unclean).await?;
         }
         info!(disks = disks.len(), "tracking writes");
         let ship_every = Duration::from_millis(cfg.ship_interval_ms);
@@ -149,12 +150,14 @@ impl Syncer {
             let Some(why) = t.tracer.lost() else { continue };
             warn!(disk = %t.disk.id, reason = %why, "write tracking lost events: new generation, resync by scan");
             let path = t.disk.source.path().to_path_buf();
-            let fresh = Tracer::start(&path, self.config.trace.clone())
+            // The lost tracer's instance must go before a new one can take its name;
+            // writes between the two are covered by the resync below.
+            if let Err(e) = t.tracer.stop_in_place() {
+                warn!(disk = %t.disk.id, error = %e, "stopping the lost tracer");
+            }
+            t.tracer = Tracer::start(&path, self.config.trace.clone())
                 .with_context(|| format!("restarting the tracer of disk {}", t.disk.id))?;
-            let old = std::mem::replace(&mut t.tracer, fresh);
-            let _ = old.stop();
             self.first_pass(&mut t.disk, now_ms(), true).await?;
-            set_tracking(&mut t.disk, true)?;
             report.resyncs += 1;
         }
         Ok(())
@@ -196,7 +199,21 @@ impl Syncer {
             t.disk.state.store(p)?;
         }
         let paused = Instant::now();
-        let guard = FreezeGuard::freeze(&mounts, deadline).map_err(anyhow::Error::msg)?;
+        let guard = match FreezeGuard::freeze(&mounts, deadline) {
+            Ok(g) => g,
+            Err(e) => {
+                // Nothing of ours is frozen: forget the mounts (the next start must
+                // not thaw someone else's freeze) and try again at the next point.
+                for t in disks.iter_mut() {
+                    let mut p = t.disk.state.get().clone();
+                    p.frozen.clear();
+                    t.disk.state.store(p)?;
+                }
+                warn!(error = %e, "consistency point abandoned: cannot pause writes");
+                report.points_abandoned += 1;
+                return Ok(());
+            }
+        };
         let captured = self.capture(disks, deadline).await;
         guard.thaw();
         let held = paused.elapsed();
@@ -286,7 +303,7 @@ impl Syncer {
 
     /// Reads and encodes the dirty blocks of `snap` into the extents of each batch
     /// (seqs are given at shipping). Runs on a blocking thread.
-    async fn build(
+    pub(crate) async fn build(
         &self,
         disk: &DiskCtx,
         snap: &DirtySnapshot,
@@ -359,7 +376,7 @@ impl Syncer {
 
     /// Ships built batches with consecutive seqs, several in flight, and records the
     /// new next seq once the process server holds them all.
-    async fn ship(
+    pub(crate) async fn ship(
         &self,
         disk: &mut DiskCtx,
         batches: Vec<Vec<Extent>>,
@@ -409,7 +426,12 @@ impl Syncer {
         Ok(())
     }
 
-    async fn tag(&self, disk: &mut DiskCtx, kind: TagKind, point_id: u64) -> anyhow::Result<()> {
+    pub(crate) async fn tag(
+        &self,
+        disk: &mut DiskCtx,
+        kind: TagKind,
+        point_id: u64,
+    ) -> anyhow::Result<()> {
         let p = disk.state.get().clone();
         let tag = Tag {
             disk: disk.id.clone(),
@@ -435,7 +457,7 @@ impl Syncer {
     }
 }
 
-fn set_tracking(disk: &mut DiskCtx, on: bool) -> anyhow::Result<()> {
+pub(crate) fn set_tracking(disk: &mut DiskCtx, on: bool) -> anyhow::Result<()> {
     let mut p = disk.state.get().clone();
     if p.tracking != on {
         p.tracking = on;

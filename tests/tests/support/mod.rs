@@ -5,7 +5,7 @@
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -31,9 +31,14 @@ pub(crate) struct AgentProcess {
 impl AgentProcess {
     /// Starts `boomerang-agent` with `args` (from [`Cluster::agent`]).
     pub(crate) fn spawn(cluster: &Cluster, args: &AgentSyncArgs) -> AgentProcess {
-        let mut cmd = cluster.agent_command(args);
+        AgentProcess::spawn_command(cluster, &args.name, cluster.agent_command(args))
+    }
+
+    /// Starts an agent command line of any subcommand (e.g. `track`) for agent
+    /// `name`, logging like [`AgentProcess::spawn`].
+    pub(crate) fn spawn_command(cluster: &Cluster, name: &str, mut cmd: Command) -> AgentProcess {
         let what = describe(&cmd);
-        let log = cluster.logs_dir().join(format!("agent-{}.log", args.name));
+        let log = cluster.logs_dir().join(format!("agent-{name}.log"));
         std::fs::create_dir_all(cluster.logs_dir()).expect("create the logs directory");
         let mut file = OpenOptions::new()
             .create(true)
