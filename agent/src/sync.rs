@@ -396,23 +396,7 @@ impl Syncer {
     ) -> anyhow::Result<()> {
         let generation = disk.state.get().generation;
         let seq = pass.base_seq + pass.geometry.units();
-        let tag = Tag {
-            disk: disk.id.clone(),
-            generation,
-            seq,
-            kind: pass.kind,
-            point_id: pass.point_id,
-            time_ms: now_ms(),
-            group: self.config.group(),
-        };
-        match self.link.request(Message::Tag(tag).encode()).await? {
-            Message::DurableAck { .. } => {}
-            other => bail!(
-                "tag for disk {}: unexpected answer {}",
-                disk.id,
-                other.name()
-            ),
-        }
+        self.ship_tag(disk, seq, pass.kind, pass.point_id).await?;
         let mut p = disk.state.get().clone();
         p.pass = None;
         p.next_seq = seq + 1;
@@ -422,6 +406,34 @@ impl Syncer {
         disk.passes.push((pass.base_seq, pass.geometry));
         info!(disk = %disk.id, generation, seq, kind = ?pass.kind, "tag durable at the process server");
         Ok(())
+    }
+
+    /// Sends a tag at `seq` of the disk's current generation and waits until the
+    /// process server holds it durably.
+    pub(crate) async fn ship_tag(
+        &self,
+        disk: &DiskCtx,
+        seq: u64,
+        kind: TagKind,
+        point_id: u64,
+    ) -> anyhow::Result<()> {
+        let tag = Tag {
+            disk: disk.id.clone(),
+            generation: disk.state.get().generation,
+            seq,
+            kind,
+            point_id,
+            time_ms: now_ms(),
+            group: self.config.group(),
+        };
+        match self.link.request(Message::Tag(tag).encode()).await? {
+            Message::DurableAck { .. } => Ok(()),
+            other => bail!(
+                "tag for disk {}: unexpected answer {}",
+                disk.id,
+                other.name()
+            ),
+        }
     }
 
     /// Waits until the master target applied everything up to the disk's last tag,

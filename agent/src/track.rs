@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use boomerang_common::config::now_ms;
 use boomerang_common::delta::{ExtentEncoder, MAX_EXTENT_LEN};
-use boomerang_common::message::{Message, Tag, TagKind};
+use boomerang_common::message::{Message, TagKind};
 use boomerang_common::{Batch, ChunkHash, Codec, Extent};
 use bytes::Bytes;
 use serde::Serialize;
@@ -426,31 +426,15 @@ impl Syncer {
         Ok(())
     }
 
+    /// Tags the disk at its next seq (after everything shipped so far).
     pub(crate) async fn tag(
         &self,
         disk: &mut DiskCtx,
         kind: TagKind,
         point_id: u64,
     ) -> anyhow::Result<()> {
-        let p = disk.state.get().clone();
-        let tag = Tag {
-            disk: disk.id.clone(),
-            generation: p.generation,
-            seq: p.next_seq,
-            kind,
-            point_id,
-            time_ms: now_ms(),
-            group: self.config.group(),
-        };
-        match self.link.request(Message::Tag(tag).encode()).await? {
-            Message::DurableAck { .. } => {}
-            other => bail!(
-                "tag for disk {}: unexpected answer {}",
-                disk.id,
-                other.name()
-            ),
-        }
         let mut p = disk.state.get().clone();
+        self.ship_tag(disk, p.next_seq, kind, point_id).await?;
         p.next_seq += 1;
         disk.state.store(p)?;
         Ok(())
