@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. As root it first installs what the privileged
-# tests need (e2fsprogs, util-linux, the loop module); with
+# tests need (e2fsprogs, util-linux, the loop and fuse modules, tracefs); with
 # BOOMERANG_PRIVILEGED_TESTS=1 a missing prerequisite fails those tests instead of
 # skipping them.
 set -euo pipefail
@@ -22,6 +22,12 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
 fi
 if [ "$(id -u)" = 0 ]; then
   [ -e /dev/loop-control ] || modprobe loop 2>/dev/null || true
+  [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+  # The trace source mounts tracefs itself when needed; mounting it here keeps the
+  # prerequisite check of the privileged tests simple.
+  if [ ! -d /sys/kernel/tracing/events ] && ! grep -q " tracefs " /proc/mounts; then
+    mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+  fi
 fi
 
 # The integration tests run the real binaries: build them first.
