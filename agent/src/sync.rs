@@ -654,6 +654,15 @@ pub(crate) fn unclean_tracking(disk: &DiskCtx) -> bool {
     unclean
 }
 
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Units acknowledged so far: the contiguous prefix and the ones beyond it.
 struct Acked {
     start: u64,
@@ -717,14 +726,15 @@ impl Producer {
             v
         };
         let this = Arc::new(self);
+        // Aborted when dropped, so a cancelled pass leaves no request behind.
         let fetch = |span: Range<u64>| {
             let this = this.clone();
-            tokio::spawn(async move { this.manifest(span).await })
+            AbortOnDrop(tokio::spawn(async move { this.manifest(span).await }))
         };
         let mut next = spans.first().cloned().map(fetch);
         for (i, span) in spans.iter().enumerate() {
-            let Some(pending) = next.take() else { break };
-            let manifest = pending
+            let Some(mut pending) = next.take() else { break };
+            let manifest = (&mut pending.0)
                 .await
                 .map_err(|e| anyhow!("manifest task failed: {e}"))??;
             next = spans.get(i + 1).cloned().map(fetch);

@@ -442,6 +442,7 @@ pub struct Dialer {
     hello: Message,
     conn: tokio::sync::RwLock<Option<Connection>>,
     closed_bytes: std::sync::Mutex<(u64, u64)>,
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Dialer {
@@ -454,6 +455,7 @@ impl Dialer {
             hello,
             conn: tokio::sync::RwLock::new(None),
             closed_bytes: std::sync::Mutex::new((0, 0)),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -483,6 +485,12 @@ impl Dialer {
             closed.0 += s.udp_tx.bytes;
             closed.1 += s.udp_rx.bytes;
         }
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(TransportError::Refused(format!(
+                "shutting down: not dialling {} again",
+                self.addr
+            )));
+        }
         let c = connect(&self.endpoint, self.addr, self.role, &self.hello).await?;
         info!(addr = %self.addr, role = %self.role, "connected");
         *slot = Some(c.clone());
@@ -503,12 +511,15 @@ impl Dialer {
         (tx, rx)
     }
 
-    /// Closes the connection politely and waits for the endpoint to go idle.
+    /// Closes the connection politely (no new one is dialled after this) and waits a
+    /// moment for the peer to hear it.
     pub async fn close(&self, reason: &str) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(c) = self.conn.read().await.as_ref() {
             c.close(CLOSE_SHUTDOWN.into(), reason.as_bytes());
         }
-        self.endpoint.wait_idle().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 }
 
