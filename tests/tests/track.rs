@@ -68,6 +68,9 @@ const PAUSE_DEADLINE_MS: u64 = 2_000;
 const STATUS_POLL: Duration = Duration::from_millis(50);
 /// A first (scan) pass of the 256 MiB disk under writes.
 const FIRST_PASS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a consistency point; generous because CI runs other disk-heavy
+/// tests beside these on two cores.
+const POINT_WAIT: Duration = Duration::from_secs(45);
 /// SIGTERM to exit, and the master target catching up afterwards.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where the writer works, under the mount point.
@@ -561,12 +564,9 @@ impl Fixture {
     /// replica equals the device byte for byte. Returns the agent's JSON report.
     fn stop_and_compare(&self, agent: &mut AgentProcess) -> Value {
         let before = self.line().and_then(|l| l.point_id);
-        self.wait_while_tracking(
-            agent,
-            Duration::from_secs(15),
-            "a fresh consistency point",
-            |l| l.point_id.is_some() && l.point_id != before,
-        );
+        self.wait_while_tracking(agent, POINT_WAIT, "a fresh consistency point", |l| {
+            l.point_id.is_some() && l.point_id != before
+        });
         let pid = agent.pid();
         let frozen = self.mount.freeze();
         agent.signal(libc::SIGTERM);
@@ -788,7 +788,7 @@ fn trace_replicates_a_live_ext4_filesystem() {
     // at the thaw, at most the pause deadline after the freeze.
     let app = fx.wait_while_tracking(
         &mut agent,
-        Duration::from_secs(15),
+        POINT_WAIT,
         "an app-consistent cut after the writer stopped",
         |l| {
             l.cut.as_deref() == Some(CUT_APP_CONSISTENT)
