@@ -396,7 +396,8 @@ impl Syncer {
     ) -> anyhow::Result<()> {
         let generation = disk.state.get().generation;
         let seq = pass.base_seq + pass.geometry.units();
-        self.ship_tag(disk, seq, pass.kind, pass.point_id).await?;
+        self.ship_tag(disk, seq, pass.kind, pass.point_id, now_ms())
+            .await?;
         let mut p = disk.state.get().clone();
         p.pass = None;
         p.next_seq = seq + 1;
@@ -408,14 +409,15 @@ impl Syncer {
         Ok(())
     }
 
-    /// Sends a tag at `seq` of the disk's current generation and waits until the
-    /// process server holds it durably.
+    /// Sends a tag at `seq` of the disk's current generation, for a cut taken at
+    /// `time_ms`, and waits until the process server holds it durably.
     pub(crate) async fn ship_tag(
         &self,
         disk: &DiskCtx,
         seq: u64,
         kind: TagKind,
         point_id: u64,
+        time_ms: u64,
     ) -> anyhow::Result<()> {
         let tag = Tag {
             disk: disk.id.clone(),
@@ -423,7 +425,7 @@ impl Syncer {
             seq,
             kind,
             point_id,
-            time_ms: now_ms(),
+            time_ms,
             group: self.config.group(),
         };
         match self.link.request(Message::Tag(tag).encode()).await? {
@@ -733,7 +735,9 @@ impl Producer {
         };
         let mut next = spans.first().cloned().map(fetch);
         for (i, span) in spans.iter().enumerate() {
-            let Some(mut pending) = next.take() else { break };
+            let Some(mut pending) = next.take() else {
+                break;
+            };
             let manifest = (&mut pending.0)
                 .await
                 .map_err(|e| anyhow!("manifest task failed: {e}"))??;

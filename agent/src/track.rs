@@ -249,7 +249,7 @@ impl Syncer {
         let point_id = now_ms();
         for (t, frames) in disks.iter_mut().zip(captured) {
             self.ship(&mut t.disk, frames, report).await?;
-            self.tag(&mut t.disk, kind, point_id).await?;
+            self.tag(&mut t.disk, kind, point_id, point_id).await?;
         }
         report.points += 1;
         info!(
@@ -426,15 +426,18 @@ impl Syncer {
         Ok(())
     }
 
-    /// Tags the disk at its next seq (after everything shipped so far).
+    /// Tags the disk at its next seq (after everything shipped so far) for a cut taken
+    /// at `time_ms`.
     pub(crate) async fn tag(
         &self,
         disk: &mut DiskCtx,
         kind: TagKind,
         point_id: u64,
+        time_ms: u64,
     ) -> anyhow::Result<()> {
         let mut p = disk.state.get().clone();
-        self.ship_tag(disk, p.next_seq, kind, point_id).await?;
+        self.ship_tag(disk, p.next_seq, kind, point_id, time_ms)
+            .await?;
         p.next_seq += 1;
         disk.state.store(p)?;
         Ok(())

@@ -42,7 +42,7 @@ struct Served {
 /// One shipping step's worth of journal: batches and tags in journal order.
 enum Item {
     Batch(Vec<Extent>),
-    Tag(TagKind, u64),
+    Tag(TagKind, u64, u64),
 }
 
 impl Syncer {
@@ -83,8 +83,17 @@ impl Syncer {
             };
             let capture = Arc::new(Mutex::new(Capture::new(journal, CaptureState::new(bitmap))));
             let mountpoint = serve_dir.join(&d.id);
-            std::fs::create_dir_all(&mountpoint)
-                .with_context(|| format!("creating {}", mountpoint.display()))?;
+            std::fs::create_dir_all(&serve_dir)
+                .with_context(|| format!("creating {}", serve_dir.display()))?;
+            // A dead FUSE mount left by a killed agent also answers "exists": the
+            // intercept then explains how to clear it.
+            match std::fs::create_dir(&mountpoint) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("creating {}", mountpoint.display()))
+                }
+            }
             let intercept = Intercept::start(
                 &ServedDisk {
                     disk_id: d.id.clone(),
@@ -180,13 +189,6 @@ impl Syncer {
         kind: TagKind,
         report: &mut TrackReport,
     ) -> anyhow::Result<()> {
-        if served.iter().any(|s| {
-            !lock_capture(&s.capture)
-                .state
-                .crash_consistent_tags_allowed()
-        }) {
-            anyhow::bail!("a disk is in bitmap mode (write order lost until it catches up)");
-        }
         let paused = Instant::now();
         let guard = if kind == TagKind::AppConsistent && !self.config.freeze.is_empty() {
             Some(
@@ -202,7 +204,16 @@ impl Syncer {
         let point_id = now_ms();
         let mut result = Ok(());
         for s in served.iter() {
+            // Checked and appended under one lock: no write can switch the disk to
+            // bitmap mode in between.
             let mut cap = lock_capture(&s.capture);
+            if !cap.state.crash_consistent_tags_allowed() {
+                result = Err(anyhow!(
+                    "disk {} is in bitmap mode (write order lost until it catches up)",
+                    s.disk.id
+                ));
+                break;
+            }
             if let Err(e) = cap.journal.append_tag(&s.disk.id, kind, point_id, now_ms()) {
                 result = Err(anyhow!("disk {}: cannot journal the tag: {e}", s.disk.id));
                 break;
@@ -241,8 +252,8 @@ impl Syncer {
                         Item::Batch(extents) => {
                             self.ship(&mut s.disk, vec![extents], report).await?
                         }
-                        Item::Tag(kind, point_id) => {
-                            self.tag(&mut s.disk, kind, point_id).await?;
+                        Item::Tag(kind, point_id, time_ms) => {
+                            self.tag(&mut s.disk, kind, point_id, time_ms).await?;
                             info!(disk = %s.disk.id, ?kind, point_id, "tag shipped");
                         }
                     }
@@ -308,12 +319,17 @@ impl Syncer {
                             raw += piece.len() as u64;
                         }
                     }
-                    Entry::Tag { kind, point_id, .. } => {
+                    Entry::Tag {
+                        kind,
+                        point_id,
+                        time_ms,
+                        ..
+                    } => {
                         if !batch.is_empty() {
                             items.push(Item::Batch(std::mem::take(&mut batch)));
                             raw = 0;
                         }
-                        items.push(Item::Tag(kind, point_id));
+                        items.push(Item::Tag(kind, point_id, time_ms));
                     }
                 }
             }

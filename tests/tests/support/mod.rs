@@ -6,6 +6,7 @@ use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,9 @@ pub(crate) struct AgentProcess {
     child: Child,
     what: String,
     log: PathBuf,
-    stdout: Option<thread::JoinHandle<Vec<u8>>>,
+    /// Everything the agent printed on stdout so far (filled while it runs).
+    stdout_buf: Arc<Mutex<Vec<u8>>>,
+    stdout: Option<thread::JoinHandle<()>>,
     exit: Option<ExitStatus>,
 }
 
@@ -53,15 +56,25 @@ impl AgentProcess {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
         let mut out = child.stdout.take().expect("piped stdout");
+        let stdout_buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&stdout_buf);
         let stdout = Some(thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = out.read_to_end(&mut buf);
-            buf
+            let mut chunk = [0u8; 4096];
+            loop {
+                match out.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => sink
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .extend_from_slice(&chunk[..n]),
+                }
+            }
         }));
         AgentProcess {
             child,
             what,
             log,
+            stdout_buf,
             stdout,
             exit: None,
         }
@@ -134,12 +147,20 @@ impl AgentProcess {
             }
             thread::sleep(Duration::from_millis(50));
         };
-        let stdout = self
-            .stdout
-            .take()
-            .map(|h| h.join().expect("agent stdout reader"))
-            .unwrap_or_default();
-        (status, String::from_utf8_lossy(&stdout).into_owned())
+        if let Some(h) = self.stdout.take() {
+            h.join().expect("agent stdout reader");
+        }
+        (status, self.stdout_so_far())
+    }
+
+    /// What the agent printed on stdout so far (all of it once it has exited and
+    /// [`AgentProcess::wait`] returned).
+    pub(crate) fn stdout_so_far(&self) -> String {
+        let buf = self
+            .stdout_buf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        String::from_utf8_lossy(&buf).into_owned()
     }
 
     /// Waits up to `timeout`, panics unless the agent exited 0, returns its report.
