@@ -114,12 +114,28 @@ impl Syncer {
                 bitmap_path,
             });
         }
-        // Writes are captured from here on; the scan brings the replica up to date
-        // with what was there before, the journal replays everything since.
+        // Writes are captured from here on; a scan brings the replica up to date with
+        // what was there before, the journal replays everything since.
+        // After a clean stop nothing can have written the disk behind our back (only
+        // the agent serves it), so the generation goes on without a rescan, provided
+        // the master target agrees on where it stands.
         for s in &mut served {
             let unclean = crate::sync::unclean_tracking(&s.disk);
+            let mine = s.disk.state.get().clone();
+            let mut resume = !unclean
+                && mine.generation > 0
+                && mine.pass.is_none()
+                && mine.size == s.disk.source.geometry().size;
+            if resume {
+                let remote = self.disk_state(&s.disk).await?;
+                resume = remote.generation == mine.generation && remote.next_seq <= mine.next_seq;
+            }
             set_tracking(&mut s.disk, true)?;
-            self.first_pass(&mut s.disk, now_ms(), unclean).await?;
+            if resume {
+                info!(disk = %s.disk.id, generation = mine.generation, next_seq = mine.next_seq, "clean restart: continuing the generation without a rescan");
+            } else {
+                self.first_pass(&mut s.disk, now_ms(), unclean).await?;
+            }
         }
         let ship_every = Duration::from_millis(cfg.ship_interval_ms);
         let crash_every = Duration::from_secs_f64(cfg.crash_interval_secs);
