@@ -82,6 +82,12 @@ struct Args {
     /// Freeze this mounted file system for the final pass (app-consistent cut); repeatable.
     #[arg(long)]
     freeze: Vec<PathBuf>,
+    /// Command quiescing the applications before an app-consistent point (`sh -c`).
+    #[arg(long)]
+    freeze_hook: Option<String>,
+    /// Command resuming them afterwards (`sh -c`).
+    #[arg(long)]
+    thaw_hook: Option<String>,
     /// Chunk size in KiB.
     #[arg(long)]
     chunk_kib: Option<u32>,
@@ -123,6 +129,12 @@ impl Args {
             c.group.clone_from(v);
         }
         c.freeze.extend(self.freeze.iter().cloned());
+        if self.freeze_hook.is_some() {
+            c.freeze_hook.clone_from(&self.freeze_hook);
+        }
+        if self.thaw_hook.is_some() {
+            c.thaw_hook.clone_from(&self.thaw_hook);
+        }
         if let Some(v) = self.chunk_kib {
             c.chunk_kib = v;
         }

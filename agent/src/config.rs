@@ -63,6 +63,12 @@ pub struct AgentConfig {
     /// Mount points to freeze for the final pass of a sync (app-consistent cut).
     /// Default: none.
     pub freeze: Vec<PathBuf>,
+    /// Operator's command (run with `sh -c`) that quiesces the applications before an
+    /// app-consistent point; a non-zero exit abandons the point. Default: none.
+    pub freeze_hook: Option<String>,
+    /// Operator's command run after an app-consistent point (also after a failed
+    /// freeze hook). Default: none.
+    pub thaw_hook: Option<String>,
     /// Longest a freeze may hold writes, in seconds; then it is undone and the
     /// app-consistent point abandoned.
     /// Default: 60.
@@ -118,6 +124,8 @@ impl Default for AgentConfig {
             in_flight: 8,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             freeze: Vec::new(),
+            freeze_hook: None,
+            thaw_hook: None,
             freeze_deadline_secs: 60.0,
             retry_secs: 600,
             interval_secs: 300,
@@ -194,6 +202,14 @@ impl AgentConfig {
             return Err("freeze_deadline_secs must be positive".into());
         }
         Ok(())
+    }
+
+    /// The operator's quiesce hooks for app-consistent points.
+    pub fn hooks(&self) -> crate::freeze::Hooks {
+        crate::freeze::Hooks {
+            freeze: self.freeze_hook.clone(),
+            thaw: self.thaw_hook.clone(),
+        }
     }
 
     /// Chunk size in bytes.

@@ -39,6 +39,46 @@ pub fn thaw(path: &Path) -> std::io::Result<()> {
 struct Inner {
     frozen: Vec<PathBuf>,
     deadline_hit: bool,
+    /// The operator's thaw hook, still to run (its freeze hook ran).
+    thaw_hook: Option<String>,
+}
+
+/// The operator's application quiesce commands, run with `sh -c` around the file
+/// system freeze of an app-consistent point: `freeze` before (a non-zero exit
+/// abandons the point), `thaw` after, always, once `freeze` was run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hooks {
+    /// Run before freezing.
+    pub freeze: Option<String>,
+    /// Run after thawing.
+    pub thaw: Option<String>,
+}
+
+/// Runs `command` with `sh -c`, killing it after `timeout`.
+fn run_hook(what: &str, command: &str, timeout: Duration) -> Result<(), String> {
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", command])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run the {what} hook `{command}`: {e}"))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                return Err(format!("the {what} hook `{command}` failed: {status}"))
+            }
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the {what} hook `{command}` ran past {timeout:?} and was killed"
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(format!("waiting for the {what} hook `{command}`: {e}")),
+        }
+    }
 }
 
 /// File systems frozen now; thawed when dropped.
@@ -70,7 +110,10 @@ fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
 }
 
 fn thaw_all(inner: &Mutex<Inner>) {
-    let frozen = std::mem::take(&mut lock(inner).frozen);
+    let (frozen, hook) = {
+        let mut g = lock(inner);
+        (std::mem::take(&mut g.frozen), g.thaw_hook.take())
+    };
     for m in frozen.iter().rev() {
         match thaw(m) {
             Ok(()) => info!(mount = %m.display(), "file system thawed"),
@@ -79,18 +122,41 @@ fn thaw_all(inner: &Mutex<Inner>) {
             }
         }
     }
+    if let Some(hook) = hook {
+        if let Err(e) = run_hook("thaw", &hook, Duration::from_secs(30)) {
+            warn!(error = %e, "the applications may still be quiesced");
+        }
+    }
 }
 
 impl FreezeGuard {
     /// Freezes every mount point in order; on failure thaws those already frozen.
     /// A watchdog thaws them all after `deadline`.
     pub fn freeze(mounts: &[PathBuf], deadline: Duration) -> Result<Self, String> {
+        Self::freeze_with_hooks(mounts, &Hooks::default(), deadline)
+    }
+
+    /// Like [`FreezeGuard::freeze`], with the operator's quiesce hooks around it: the
+    /// freeze hook runs first (within the deadline), the thaw hook after the thaw.
+    pub fn freeze_with_hooks(
+        mounts: &[PathBuf],
+        hooks: &Hooks,
+        deadline: Duration,
+    ) -> Result<Self, String> {
         let guard = FreezeGuard {
             inner: Arc::new(Mutex::new(Inner {
                 frozen: Vec::new(),
                 deadline_hit: false,
+                thaw_hook: None,
             })),
         };
+        if let Some(hook) = &hooks.freeze {
+            // The thaw hook undoes whatever part of the freeze hook ran, also when it
+            // failed: it runs when `guard` drops.
+            lock(&guard.inner).thaw_hook.clone_from(&hooks.thaw);
+            run_hook("freeze", hook, deadline)?;
+            info!(hook = %hook, "applications quiesced");
+        }
         for m in mounts {
             // On error `guard` drops here and thaws what is already frozen.
             ioctl(m, FIFREEZE).map_err(|e| {
@@ -108,7 +174,11 @@ impl FreezeGuard {
             .spawn(move || {
                 std::thread::sleep(deadline);
                 if let Some(inner) = watchdog.upgrade() {
-                    if !lock(&inner).frozen.is_empty() {
+                    let held = {
+                        let g = lock(&inner);
+                        !g.frozen.is_empty() || g.thaw_hook.is_some()
+                    };
+                    if held {
                         error!(deadline_s = deadline.as_secs_f64(), "freeze deadline passed: thawing now, the app-consistent point is abandoned");
                         lock(&inner).deadline_hit = true;
                         thaw_all(&inner);
@@ -140,5 +210,54 @@ impl FreezeGuard {
 impl Drop for FreezeGuard {
     fn drop(&mut self) {
         thaw_all(&self.inner);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hooks_run_around_the_pause_and_a_failed_freeze_hook_still_thaws() -> Result<(), String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let log = dir.path().join("log");
+        let hooks = Hooks {
+            freeze: Some(format!("echo freeze >> {}", log.display())),
+            thaw: Some(format!("echo thaw >> {}", log.display())),
+        };
+        let guard = FreezeGuard::freeze_with_hooks(&[], &hooks, Duration::from_secs(5))?;
+        guard.thaw();
+        drop(guard);
+        assert_eq!(
+            std::fs::read_to_string(&log).map_err(|e| e.to_string())?,
+            "freeze\nthaw\n"
+        );
+
+        let failing = Hooks {
+            freeze: Some(format!("echo half >> {}; exit 3", log.display())),
+            thaw: hooks.thaw.clone(),
+        };
+        let err = FreezeGuard::freeze_with_hooks(&[], &failing, Duration::from_secs(5))
+            .expect_err("must fail");
+        assert!(err.contains("failed"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&log).map_err(|e| e.to_string())?,
+            "freeze\nthaw\nhalf\nthaw\n",
+            "a failed freeze hook is undone by the thaw hook"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_hook_past_the_deadline_is_killed() {
+        let hooks = Hooks {
+            freeze: Some("sleep 5".into()),
+            thaw: None,
+        };
+        let started = std::time::Instant::now();
+        let err = FreezeGuard::freeze_with_hooks(&[], &hooks, Duration::from_millis(200))
+            .expect_err("must time out");
+        assert!(err.contains("killed"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 }

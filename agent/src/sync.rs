@@ -152,7 +152,7 @@ impl Syncer {
                 disk.state.store(p)?;
             }
         }
-        let freeze = !self.config.freeze.is_empty();
+        let freeze = !self.config.freeze.is_empty() || self.config.freeze_hook.is_some();
         if wait == Wait::MasterTarget || freeze {
             for disk in &mut disks {
                 self.drain(disk).await?;
@@ -314,7 +314,7 @@ impl Syncer {
             disk.state.store(p)?;
         }
         let deadline = Duration::from_secs_f64(self.config.freeze_deadline_secs);
-        let guard = match FreezeGuard::freeze(&mounts, deadline) {
+        let guard = match FreezeGuard::freeze_with_hooks(&mounts, &self.config.hooks(), deadline) {
             Ok(g) => g,
             Err(e) => {
                 // Nothing of ours is frozen: forget the mounts so the next start does

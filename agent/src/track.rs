@@ -199,7 +199,12 @@ impl Syncer {
             t.disk.state.store(p)?;
         }
         let paused = Instant::now();
-        let guard = match FreezeGuard::freeze(&mounts, deadline) {
+        let hooks = if kind == TagKind::AppConsistent {
+            self.config.hooks()
+        } else {
+            crate::freeze::Hooks::default()
+        };
+        let guard = match FreezeGuard::freeze_with_hooks(&mounts, &hooks, deadline) {
             Ok(g) => g,
             Err(e) => {
                 // Nothing of ours is frozen: forget the mounts (the next start must

@@ -206,10 +206,13 @@ impl Syncer {
         report: &mut TrackReport,
     ) -> anyhow::Result<()> {
         let paused = Instant::now();
-        let guard = if kind == TagKind::AppConsistent && !self.config.freeze.is_empty() {
+        let hooks = self.config.hooks();
+        let quiesce = !self.config.freeze.is_empty() || hooks.freeze.is_some();
+        let guard = if kind == TagKind::AppConsistent && quiesce {
             Some(
-                FreezeGuard::freeze(
+                FreezeGuard::freeze_with_hooks(
                     &self.config.freeze,
+                    &hooks,
                     Duration::from_secs_f64(self.config.pause_deadline_secs),
                 )
                 .map_err(anyhow::Error::msg)?,
