@@ -21,6 +21,8 @@
 //! the served file, the agent (SIGKILL if it still runs), then [`ServeDirGuard`]
 //! lazily unmounts a FUSE mount a dead agent left on the serve dir, then the cluster.
 
+#[path = "support/status.rs"]
+mod status;
 #[allow(dead_code)] // the one-shot `sync` helpers are not used here
 mod support;
 
@@ -49,6 +51,7 @@ use boomerang_tests::{
 };
 use serde_json::Value;
 
+use status::StatusLine as Line;
 use support::{replica_path, AgentProcess, MIB};
 
 const NEEDS: &[Need] = &[Need::Root, Need::LoopDevices, Need::Ext4Tools];
@@ -160,54 +163,7 @@ fn mount_fstype(dir: &Path) -> Option<String> {
         .next_back()
 }
 
-/// One disk's line of `mt status --json`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Line {
-    generation: u64,
-    next_seq: u64,
-    consistent: bool,
-    cut: Option<String>,
-    point_id: Option<u64>,
-    cut_time_ms: Option<u64>,
-    /// Recent cuts of the current generation: (kind, point id, time ms), oldest first.
-    points: Vec<(String, u64, u64)>,
-    bytes_applied: u64,
-    integrity_failures: u64,
-}
-
-impl Line {
-    fn parse(v: &Value) -> Line {
-        let uint = |k: &str| {
-            v[k].as_u64()
-                .unwrap_or_else(|| panic!("mt status: `{k}` is not an unsigned integer in {v}"))
-        };
-        let points = v["points"]
-            .as_array()
-            .unwrap_or_else(|| panic!("mt status: `points` is not an array in {v}"))
-            .iter()
-            .map(|p| {
-                let kind = p[0].as_str().unwrap_or_default().to_string();
-                match (p[1].as_u64(), p[2].as_u64()) {
-                    (Some(id), Some(t)) => (kind, id, t),
-                    _ => panic!("mt status: a point is not [kind, point_id, time_ms]: {p}"),
-                }
-            })
-            .collect();
-        Line {
-            generation: uint("generation"),
-            next_seq: uint("next_seq"),
-            consistent: v["consistent"]
-                .as_bool()
-                .unwrap_or_else(|| panic!("mt status: `consistent` is not a bool in {v}")),
-            cut: v["cut"].as_str().map(str::to_string),
-            point_id: v["point_id"].as_u64(),
-            cut_time_ms: v["cut_time_ms"].as_u64(),
-            points,
-            bytes_applied: uint("bytes_applied"),
-            integrity_failures: uint("integrity_failures"),
-        }
-    }
-
+impl status::StatusLine {
     fn is_crash_cut_after(&self, ms: u64) -> bool {
         self.cut.as_deref() == Some(CUT_CRASH) && self.point_id.is_some_and(|p| p > ms)
     }
@@ -320,11 +276,7 @@ impl Fixture {
 
     /// The disk's status line, or `None` before the master target knows it.
     fn line(&self) -> Option<Line> {
-        let status = self.cluster.mt_status();
-        status.raw["disks"]
-            .as_array()
-            .and_then(|disks| disks.iter().find(|d| d["disk"] == DISK))
-            .map(Line::parse)
+        status::status_line(&self.cluster, DISK)
     }
 
     /// Polls the status until `done` holds, panicking (with the agent's log) when the
@@ -334,30 +286,9 @@ impl Fixture {
         agent: &mut AgentProcess,
         timeout: Duration,
         what: &str,
-        mut done: impl FnMut(&Line) -> bool,
+        done: impl FnMut(&Line) -> bool,
     ) -> Line {
-        let deadline = Instant::now() + timeout;
-        let mut last = None;
-        loop {
-            if let Some(status) = agent.try_exit() {
-                panic!(
-                    "the agent exited ({status}) while waiting for {what}; last status {last:?}\n{}",
-                    agent.log_tail(60)
-                );
-            }
-            if let Some(line) = self.line() {
-                if done(&line) {
-                    return line;
-                }
-                last = Some(line);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {what} within {timeout:?}; last status {last:?}\n{}",
-                agent.log_tail(60)
-            );
-            thread::sleep(STATUS_POLL);
-        }
+        status::wait_status(&self.cluster, DISK, agent, timeout, what, done)
     }
 
     fn replica(&self) -> PathBuf {

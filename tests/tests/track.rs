@@ -21,6 +21,8 @@
 //! says it shipped, and compares the device (read with O_DIRECT, past the block
 //! device's page cache) with the replica while the filesystem is still frozen.
 
+#[path = "support/status.rs"]
+mod status;
 mod support;
 
 use std::ffi::OsString;
@@ -48,6 +50,7 @@ use boomerang_tests::{
 };
 use serde_json::Value;
 
+use status::StatusLine as Line;
 use support::{disk_status, replica_path, AgentProcess, MIB};
 
 const NEEDS: &[Need] = &[
@@ -400,38 +403,6 @@ fn fstrim(mountpoint: &Path) -> String {
 // ---------------------------------------------------------------------------------
 // The source filesystem, the agent and the master target's view
 
-/// One disk's line of `mt status --json`, with the cut's point id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Line {
-    generation: u64,
-    next_seq: u64,
-    consistent: bool,
-    cut: Option<String>,
-    point_id: Option<u64>,
-    bytes_applied: u64,
-    integrity_failures: u64,
-}
-
-impl Line {
-    fn parse(v: &Value) -> Line {
-        let uint = |k: &str| {
-            v[k].as_u64()
-                .unwrap_or_else(|| panic!("mt status: `{k}` is not an unsigned integer in {v}"))
-        };
-        Line {
-            generation: uint("generation"),
-            next_seq: uint("next_seq"),
-            consistent: v["consistent"]
-                .as_bool()
-                .unwrap_or_else(|| panic!("mt status: `consistent` is not a bool in {v}")),
-            cut: v["cut"].as_str().map(str::to_string),
-            point_id: v["point_id"].as_u64(),
-            bytes_applied: uint("bytes_applied"),
-            integrity_failures: uint("integrity_failures"),
-        }
-    }
-}
-
 /// A cluster plus an ext4 filesystem on a loop device over a sparse 256 MiB image,
 /// mounted read-write at `<root>/mnt`.
 struct Fixture {
@@ -499,11 +470,7 @@ impl Fixture {
 
     /// The disk's status line, or `None` before the master target knows it.
     fn line(&self) -> Option<Line> {
-        let status = self.cluster.mt_status();
-        status.raw["disks"]
-            .as_array()
-            .and_then(|disks| disks.iter().find(|d| d["disk"] == DISK))
-            .map(Line::parse)
+        status::status_line(&self.cluster, DISK)
     }
 
     /// Polls the status until `done` holds, panicking (with the agent's log) when the
@@ -513,30 +480,9 @@ impl Fixture {
         agent: &mut AgentProcess,
         timeout: Duration,
         what: &str,
-        mut done: impl FnMut(&Line) -> bool,
+        done: impl FnMut(&Line) -> bool,
     ) -> Line {
-        let deadline = Instant::now() + timeout;
-        let mut last = None;
-        loop {
-            if let Some(status) = agent.try_exit() {
-                panic!(
-                    "the tracking agent exited ({status}) while waiting for {what}; last status {last:?}\n{}",
-                    agent.log_tail(60)
-                );
-            }
-            if let Some(line) = self.line() {
-                if done(&line) {
-                    return line;
-                }
-                last = Some(line);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {what} within {timeout:?}; last status {last:?}\n{}",
-                agent.log_tail(60)
-            );
-            thread::sleep(STATUS_POLL);
-        }
+        status::wait_status(&self.cluster, DISK, agent, timeout, what, done)
     }
 
     /// Waits until the first (scan) pass of a just started agent in `generation` has
