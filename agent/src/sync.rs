@@ -145,7 +145,7 @@ impl Syncer {
         // new generation; once resynced it is trusted again.
         for disk in &mut disks {
             let unclean = unclean_tracking(disk);
-            self.first_pass(disk, group_point, unclean).await?;
+            self.first_pass(disk, group_point, unclean, true).await?;
             if unclean {
                 let mut p = disk.state.get().clone();
                 p.tracking = false;
@@ -235,11 +235,17 @@ impl Syncer {
     /// Chooses the generation and runs (or resumes) the first pass of this sync.
     /// `force_new_generation`: tracking was lost, so what the replica holds cannot be
     /// trusted to be a state the disk was in.
+    ///
+    /// `end_with_tag`: end the pass with a sync-complete tag. Continuous tracking
+    /// passes `false` when it can take a real consistency point right after: a scan
+    /// taken while writes go on is no consistent cut until the writes made during it
+    /// are shipped too.
     pub(crate) async fn first_pass(
         &self,
         disk: &mut DiskCtx,
         point_id: u64,
         force_new_generation: bool,
+        end_with_tag: bool,
     ) -> anyhow::Result<()> {
         let remote = self.disk_state(disk).await?;
         let mine = disk.state.get().clone();
@@ -297,7 +303,15 @@ impl Syncer {
         disk.state.store(progress)?;
         disk.report.generation = disk.state.get().generation;
         self.run_pass(disk, &pass, from).await?;
-        self.send_tag(disk, &pass).await
+        if end_with_tag {
+            return self.send_tag(disk, &pass).await;
+        }
+        let mut p = disk.state.get().clone();
+        p.pass = None;
+        p.next_seq = pass.base_seq + pass.geometry.units();
+        disk.state.store(p)?;
+        disk.passes.push((pass.base_seq, pass.geometry));
+        Ok(())
     }
 
     /// Final pass with the file systems frozen; returns why the app-consistent point

@@ -69,18 +69,27 @@ impl Syncer {
             })?;
             disks.push(Tracked { disk, tracer });
         }
+        // With a way to pause writes, the replica becomes consistent at a real point
+        // taken right after the scan (the first tick); without one, the scan ends with
+        // a sync-complete tag as a plain sync does.
+        let can_pause = !cfg.freeze.is_empty();
         for t in &mut disks {
             // Set before the scan: a crash during it must not resume this pass in the
             // same generation, since writes to units already sent die with the tracer.
             let unclean = crate::sync::unclean_tracking(&t.disk);
             set_tracking(&mut t.disk, true)?;
-            self.first_pass(&mut t.disk, now_ms(), unclean).await?;
+            self.first_pass(&mut t.disk, now_ms(), unclean, !can_pause)
+                .await?;
         }
         info!(disks = disks.len(), "tracking writes");
         let ship_every = Duration::from_millis(cfg.ship_interval_ms);
         let crash_every = Duration::from_secs_f64(cfg.crash_interval_secs);
         let app_every = Duration::from_secs_f64(cfg.app_interval_secs);
-        let mut next_crash = Instant::now() + crash_every;
+        let mut next_crash = if can_pause {
+            Instant::now()
+        } else {
+            Instant::now() + crash_every
+        };
         let mut next_app = Instant::now() + app_every;
         let mut shutdown = self.shutdown.clone();
         let result = loop {
@@ -91,8 +100,12 @@ impl Syncer {
             if *self.shutdown.borrow() {
                 break Ok(());
             }
+            let resyncs = report.resyncs;
             if let Err(e) = self.resync_lost(&mut disks, &mut report).await {
                 break Err(e);
+            }
+            if report.resyncs > resyncs && can_pause {
+                next_crash = Instant::now();
             }
             let now = Instant::now();
             let step = if now >= next_app {
@@ -157,7 +170,8 @@ impl Syncer {
             }
             t.tracer = Tracer::start(&path, self.config.trace.clone())
                 .with_context(|| format!("restarting the tracer of disk {}", t.disk.id))?;
-            self.first_pass(&mut t.disk, now_ms(), true).await?;
+            self.first_pass(&mut t.disk, now_ms(), true, self.config.freeze.is_empty())
+                .await?;
             report.resyncs += 1;
         }
         Ok(())

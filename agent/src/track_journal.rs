@@ -134,13 +134,16 @@ impl Syncer {
             if resume {
                 info!(disk = %s.disk.id, generation = mine.generation, next_seq = mine.next_seq, "clean restart: continuing the generation without a rescan");
             } else {
-                self.first_pass(&mut s.disk, now_ms(), unclean).await?;
+                self.first_pass(&mut s.disk, now_ms(), unclean, false)
+                    .await?;
             }
         }
         let ship_every = Duration::from_millis(cfg.ship_interval_ms);
         let crash_every = Duration::from_secs_f64(cfg.crash_interval_secs);
         let app_every = Duration::from_secs_f64(cfg.app_interval_secs);
-        let mut next_crash = Instant::now() + crash_every;
+        // The first tick tags a crash-consistent cut: the replica is consistent only
+        // once the writes made during the scan are shipped (the scan has no tag).
+        let mut next_crash = Instant::now();
         let mut next_app = Instant::now() + app_every;
         let mut shutdown = self.shutdown.clone();
         let result: anyhow::Result<()> = loop {

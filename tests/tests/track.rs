@@ -743,6 +743,15 @@ fn trace_replicates_a_live_ext4_filesystem() {
         },
     );
     assert_eq!(app.generation, 1, "no resync expected: {app:?}");
+    // The scan ran while the writer wrote: it is no cut. With a pause available the
+    // replica's first cut is a real point taken right after it, so no sync-complete
+    // cut may be listed.
+    assert!(
+        app.points
+            .iter()
+            .all(|(kind, _, _)| kind != "sync-complete"),
+        "a scan taken under writes was listed as a cut: {app:?}"
+    );
 
     let report = fx.stop_and_compare(&mut agent);
     assert!(

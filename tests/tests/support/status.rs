@@ -23,7 +23,6 @@ pub(crate) struct StatusLine {
     #[allow(dead_code)]
     pub(crate) cut_time_ms: Option<u64>,
     /// Recent cuts of the current generation: (kind, point id, time ms), oldest first.
-    #[allow(dead_code)]
     pub(crate) points: Vec<(String, u64, u64)>,
     pub(crate) bytes_applied: u64,
     pub(crate) integrity_failures: u64,
