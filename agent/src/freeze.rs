@@ -56,9 +56,12 @@ pub struct Hooks {
 
 /// Runs `command` with `sh -c`, killing it after `timeout`.
 fn run_hook(what: &str, command: &str, timeout: Duration) -> Result<(), String> {
+    use std::os::unix::process::CommandExt as _;
+    // Its own process group, so a timeout kills whatever the hook started too.
     let mut child = std::process::Command::new("sh")
         .args(["-c", command])
         .stdin(std::process::Stdio::null())
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot run the {what} hook `{command}`: {e}"))?;
     let deadline = std::time::Instant::now() + timeout;
@@ -69,6 +72,10 @@ fn run_hook(what: &str, command: &str, timeout: Duration) -> Result<(), String> 
                 return Err(format!("the {what} hook `{command}` failed: {status}"))
             }
             Ok(None) if std::time::Instant::now() >= deadline => {
+                if let Ok(pid) = i32::try_from(child.id()) {
+                    // SAFETY: signals the process group we created for the hook.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                }
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(format!(
