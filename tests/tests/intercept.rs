@@ -59,7 +59,6 @@ const DISK: &str = "d0";
 const AGENT: &str = "agent1";
 const DISK_SIZE: u64 = 256 * MIB;
 const CUT_CRASH: &str = "crash-consistent";
-const STATUS_POLL: Duration = Duration::from_millis(50);
 /// From the start of `track` to `serving d0 at ...` on stdout.
 const SERVE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A tag after the workload stopped reaching the master target (also through a
@@ -310,31 +309,7 @@ impl Fixture {
     /// Waits until the master target applied everything the agent's state says it
     /// shipped. Returns the report and how long the exit took.
     fn stop(&self, agent: &mut AgentProcess) -> (Value, Duration) {
-        agent.signal(libc::SIGTERM);
-        let signalled = Instant::now();
-        let (status, stdout) = agent.wait(STOP_TIMEOUT);
-        let took = signalled.elapsed();
-        assert!(
-            status.success(),
-            "track must exit 0 on SIGTERM: {status}\n--- stdout ---\n{stdout}\n{}",
-            agent.log_tail(60)
-        );
-        let report: Value = stdout
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .and_then(|l| serde_json::from_str(l).ok())
-            .unwrap_or_else(|| panic!("track --json printed no JSON report:\n{stdout}"));
-        for key in [
-            "batches",
-            "bytes_shipped",
-            "points",
-            "points_abandoned",
-            "resyncs",
-        ] {
-            assert!(report[key].is_u64(), "report field {key}: {report}");
-        }
-        assert!(report["pauses_ms"].is_array(), "{report}");
+        let (report, took) = status::sigterm_track(agent, STOP_TIMEOUT);
         assert!(
             !is_mount_point(self.disk_mount_point()),
             "the agent exited 0 but left its FUSE mount on {}",
@@ -347,19 +322,8 @@ impl Fixture {
         );
         let generation = state["generation"].as_u64().expect("generation in state");
         let next_seq = state["next_seq"].as_u64().expect("next_seq in state");
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            let line = self.line().expect("the master target knows d0");
-            if line.generation == generation && line.next_seq == next_seq {
-                assert_eq!(line.integrity_failures, 0, "{line:?}");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the master target did not apply all the agent shipped (generation {generation}, next seq {next_seq}): {line:?}"
-            );
-            thread::sleep(STATUS_POLL);
-        }
+        let line = status::wait_applied(&self.cluster, DISK, generation, next_seq, STOP_TIMEOUT);
+        assert_eq!(line.integrity_failures, 0, "{line:?}");
         (report, took)
     }
 

@@ -515,31 +515,7 @@ impl Fixture {
         });
         let pid = agent.pid();
         let frozen = self.mount.freeze();
-        agent.signal(libc::SIGTERM);
-        let signalled = Instant::now();
-        let (status, stdout) = agent.wait(STOP_TIMEOUT);
-        let exit_after = signalled.elapsed();
-        assert!(
-            status.success(),
-            "track must exit 0 on SIGTERM: {status}\n--- stdout ---\n{stdout}\n{}",
-            agent.log_tail(60)
-        );
-        let report: Value = stdout
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .and_then(|l| serde_json::from_str(l).ok())
-            .unwrap_or_else(|| panic!("track --json printed no JSON report:\n{stdout}"));
-        for key in [
-            "batches",
-            "bytes_shipped",
-            "points",
-            "points_abandoned",
-            "resyncs",
-        ] {
-            assert!(report[key].is_u64(), "report field {key}: {report}");
-        }
-        assert!(report["pauses_ms"].is_array(), "{report}");
+        let (report, exit_after) = status::sigterm_track(agent, STOP_TIMEOUT);
         assert!(
             instances_of(pid).is_empty(),
             "the agent left its trace instance behind: {:?}",
@@ -553,18 +529,7 @@ impl Fixture {
         );
         let generation = state["generation"].as_u64().expect("generation in state");
         let next_seq = state["next_seq"].as_u64().expect("next_seq in state");
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        let line = loop {
-            let line = self.line().expect("the master target knows d0");
-            if line.generation == generation && line.next_seq == next_seq {
-                break line;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the master target did not apply all the agent shipped (generation {generation}, next seq {next_seq}): {line:?}"
-            );
-            thread::sleep(STATUS_POLL);
-        };
+        let line = status::wait_applied(&self.cluster, DISK, generation, next_seq, STOP_TIMEOUT);
         assert_eq!(line.integrity_failures, 0, "{line:?}");
         assert!(line.consistent, "{line:?}");
 

@@ -1,5 +1,5 @@
 //! The master target's status line of one disk as the continuous-tracking tests read
-//! it, and polling it while an agent runs. Included by the tests that need it with
+//! it, polling it while an agent runs, and stopping a tracking agent cleanly. Included by the tests that need it with
 //! `#[path = "support/status.rs"] mod status;` (so the other test binaries do not carry
 //! unused code).
 
@@ -103,6 +103,64 @@ pub(crate) fn wait_status(
             Instant::now() < deadline,
             "no {what} within {timeout:?}; last status {last:?}\n{}",
             agent.log_tail(60)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERMs a `track --json` agent: it must exit 0 within `timeout` and print its
+/// report, with every counter, as its last line. Returns the report and how long the
+/// exit took.
+pub(crate) fn sigterm_track(
+    agent: &mut AgentProcess,
+    timeout: Duration,
+) -> (serde_json::Value, Duration) {
+    agent.signal(libc::SIGTERM);
+    let signalled = Instant::now();
+    let (status, stdout) = agent.wait(timeout);
+    let took = signalled.elapsed();
+    assert!(
+        status.success(),
+        "track must exit 0 on SIGTERM: {status}\n--- stdout ---\n{stdout}\n{}",
+        agent.log_tail(60)
+    );
+    let report: serde_json::Value = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("track --json printed no JSON report:\n{stdout}"));
+    for key in [
+        "batches",
+        "bytes_shipped",
+        "points",
+        "points_abandoned",
+        "resyncs",
+    ] {
+        assert!(report[key].is_u64(), "report field {key}: {report}");
+    }
+    assert!(report["pauses_ms"].is_array(), "{report}");
+    (report, took)
+}
+
+/// Waits until the master target applied disk `disk` up to `(generation, next_seq)`
+/// (what the agent's state says it shipped) and returns that status line.
+pub(crate) fn wait_applied(
+    cluster: &Cluster,
+    disk: &str,
+    generation: u64,
+    next_seq: u64,
+    timeout: Duration,
+) -> StatusLine {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let line = status_line(cluster, disk).expect("the master target knows the disk");
+        if line.generation == generation && line.next_seq == next_seq {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the master target did not apply all the agent shipped (generation {generation}, next seq {next_seq}): {line:?}"
         );
         thread::sleep(Duration::from_millis(50));
     }
