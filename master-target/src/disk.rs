@@ -81,6 +81,27 @@ pub struct DiskRecord {
     pub last_apply_ms: u64,
 }
 
+impl DiskRecord {
+    /// The record of a disk announced for the first time: nothing applied yet.
+    pub fn new(disk: &str, group: &str, size: u64, replica: std::path::PathBuf) -> Self {
+        DiskRecord {
+            disk: disk.to_string(),
+            group: group.to_string(),
+            size,
+            replica,
+            position: Position {
+                generation: 0,
+                next_seq: 0,
+            },
+            bytes_applied: 0,
+            cut: None,
+            recent_cuts: Vec::new(),
+            integrity_failures: 0,
+            last_apply_ms: 0,
+        }
+    }
+}
+
 /// A batch whose extents passed verification, ready to write.
 #[derive(Debug)]
 pub struct VerifiedBatch {
@@ -499,21 +520,7 @@ mod tests {
     fn open(dir: &std::path::Path) -> Arc<Disk> {
         let replica =
             Arc::new(FileReplica::open_or_create(&dir.join("d0.img"), 1 << 20).expect("replica"));
-        let rec = DiskRecord {
-            disk: "d0".into(),
-            group: "g".into(),
-            size: 1 << 20,
-            replica: dir.join("d0.img"),
-            position: Position {
-                generation: 0,
-                next_seq: 0,
-            },
-            bytes_applied: 0,
-            cut: None,
-            recent_cuts: Vec::new(),
-            integrity_failures: 0,
-            last_apply_ms: 0,
-        };
+        let rec = DiskRecord::new("d0", "g", 1 << 20, dir.join("d0.img"));
         let st = StateFile::open_or_create(&dir.join("d0.state"), rec).expect("state");
         Disk::start(replica, st)
     }

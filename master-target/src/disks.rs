@@ -11,7 +11,7 @@ use boomerang_common::message::DiskState;
 use boomerang_common::ChunkHash;
 use tracing::info;
 
-use crate::disk::{Disk, DiskRecord, Position};
+use crate::disk::{Disk, DiskRecord};
 use crate::replica::{FileReplica, Replica};
 
 /// Errors opening or describing disks.
@@ -162,21 +162,7 @@ impl Disks {
             .cloned()
             .unwrap_or_else(|| self.state_dir.join("replicas").join(format!("{disk}.img")));
         let replica = open_replica(&path, size)?;
-        let record = DiskRecord {
-            disk: disk.to_string(),
-            group: group.to_string(),
-            size,
-            replica: path.clone(),
-            position: Position {
-                generation: 0,
-                next_seq: 0,
-            },
-            bytes_applied: 0,
-            cut: None,
-            recent_cuts: Vec::new(),
-            integrity_failures: 0,
-            last_apply_ms: 0,
-        };
+        let record = DiskRecord::new(disk, group, size, path.clone());
         let rp = record_path(&self.state_dir, disk);
         let st = StateFile::open_or_create(&rp, record).map_err(|e| DisksError::Storage {
             what: "create disk record",
