@@ -13,6 +13,10 @@
 //! | 7 | [`ManifestRequest`](Message::ManifestRequest) | agent → ps → mt |
 //! | 8 | [`ManifestResponse`](Message::ManifestResponse) | answer to ManifestRequest |
 //! | 9 | [`Error`](Message::Error) | answer to anything that failed |
+//! | 10 | [`Control`](Message::Control) | agent → ps → mt, every few seconds |
+//! | 11 | [`Directive`](Message::Directive) | answer to Control |
+//! | 12 | [`PointPrepare`](Message::PointPrepare) | agent → ps → mt, phase one of a group point |
+//! | 13 | [`PointDecision`](Message::PointDecision) | answer to PointPrepare |
 
 use bytes::Bytes;
 
@@ -156,6 +160,42 @@ pub struct DiskState {
 /// Most seqs one [`DiskState`] asks to be sent again.
 pub const MAX_RESEND: usize = 4096;
 
+/// Most disks one control or prepare message names.
+pub const MAX_DISKS: usize = 256;
+
+/// What the master target wants an agent's group to do, answered to
+/// [`Message::Control`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Keep replicating.
+    Continue,
+    /// The group is failing over to `latest`: ship everything still held, run the
+    /// shutdown hook, report `shut_down`, stop.
+    ShutDown,
+    /// The failover was committed: stop replicating and forget the group's state.
+    Forget,
+}
+
+impl Action {
+    fn code(self) -> u8 {
+        match self {
+            Action::Continue => 1,
+            Action::ShutDown => 2,
+            Action::Forget => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Result<Self, DecodeError> {
+        match code {
+            1 => Ok(Action::Continue),
+            2 => Ok(Action::ShutDown),
+            3 => Ok(Action::Forget),
+            other => Err(DecodeError::Invalid(format!("unknown action {other}"))),
+        }
+    }
+}
+
 /// A message between roles.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -215,6 +255,50 @@ pub enum Message {
         /// One hash per chunk.
         hashes: Vec<ChunkHash>,
     },
+    /// An agent's periodic check-in for its group: which disks it protects, and
+    /// whether it has finished a requested shutdown.
+    Control {
+        /// Consistency group.
+        group: String,
+        /// Agent name.
+        agent: String,
+        /// The agent's disks in the group.
+        disks: Vec<String>,
+        /// The agent shipped everything, its data is durable at the process server,
+        /// its shutdown hook ran, and it stopped replicating.
+        shut_down: bool,
+    },
+    /// Answer to Control.
+    Directive {
+        /// What to do.
+        action: Action,
+    },
+    /// Phase one of a multi-agent point: the agent has paused its writes for
+    /// `point_id` and waits for every other agent of the group, at most until
+    /// `deadline_ms` (wall time).
+    PointPrepare {
+        /// Consistency group.
+        group: String,
+        /// Agent name.
+        agent: String,
+        /// The point all agents of the group are cutting.
+        point_id: u64,
+        /// Kind of the point.
+        kind: TagKind,
+        /// The agent's disks in the group.
+        disks: Vec<String>,
+        /// Wall time (ms) after which the point is abandoned.
+        deadline_ms: u64,
+    },
+    /// Phase two: tag and resume (`commit`), or resume without a tag.
+    PointDecision {
+        /// The point.
+        point_id: u64,
+        /// Whether every disk of the group prepared in time.
+        commit: bool,
+        /// Why not, when not.
+        reason: String,
+    },
     /// A request failed; `reason` says what and what to do.
     Error {
         /// Machine-readable class (see [`ErrorCode`]).
@@ -255,6 +339,10 @@ impl Message {
             Message::ManifestRequest { .. } => 7,
             Message::ManifestResponse { .. } => 8,
             Message::Error { .. } => 9,
+            Message::Control { .. } => 10,
+            Message::Directive { .. } => 11,
+            Message::PointPrepare { .. } => 12,
+            Message::PointDecision { .. } => 13,
         }
     }
 
@@ -270,6 +358,10 @@ impl Message {
             Message::ManifestRequest { .. } => "manifest-request",
             Message::ManifestResponse { .. } => "manifest-response",
             Message::Error { .. } => "error",
+            Message::Control { .. } => "control",
+            Message::Directive { .. } => "directive",
+            Message::PointPrepare { .. } => "point-prepare",
+            Message::PointDecision { .. } => "point-decision",
         }
     }
 
@@ -362,6 +454,42 @@ impl Message {
             }
             Message::Error { code, reason } => {
                 w.u16(*code);
+                w.str(reason);
+            }
+            Message::Control {
+                group,
+                agent,
+                disks,
+                shut_down,
+            } => {
+                w.str(group);
+                w.str(agent);
+                encode_disks(&mut w, disks);
+                w.u8(u8::from(*shut_down));
+            }
+            Message::Directive { action } => w.u8(action.code()),
+            Message::PointPrepare {
+                group,
+                agent,
+                point_id,
+                kind,
+                disks,
+                deadline_ms,
+            } => {
+                w.str(group);
+                w.str(agent);
+                w.u64(*point_id);
+                w.u8(kind.code());
+                encode_disks(&mut w, disks);
+                w.u64(*deadline_ms);
+            }
+            Message::PointDecision {
+                point_id,
+                commit,
+                reason,
+            } => {
+                w.u64(*point_id);
+                w.u8(u8::from(*commit));
                 w.str(reason);
             }
         }
@@ -475,6 +603,28 @@ impl Message {
                 code: r.u16("error code")?,
                 reason: r.str("reason")?,
             },
+            10 => Message::Control {
+                group: r.str("group")?,
+                agent: r.str("agent")?,
+                disks: decode_disks(&mut r)?,
+                shut_down: decode_bool(&mut r, "shut down")?,
+            },
+            11 => Message::Directive {
+                action: Action::from_code(r.u8("action")?)?,
+            },
+            12 => Message::PointPrepare {
+                group: r.str("group")?,
+                agent: r.str("agent")?,
+                point_id: r.u64("point id")?,
+                kind: TagKind::from_code(r.u8("tag kind")?)?,
+                disks: decode_disks(&mut r)?,
+                deadline_ms: r.u64("deadline")?,
+            },
+            13 => Message::PointDecision {
+                point_id: r.u64("point id")?,
+                commit: decode_bool(&mut r, "commit")?,
+                reason: r.str("reason")?,
+            },
             other => {
                 return Err(DecodeError::Invalid(format!(
                     "unknown message kind {other}"
@@ -483,6 +633,31 @@ impl Message {
         };
         r.finish(msg.name())?;
         Ok(msg)
+    }
+}
+
+fn encode_disks(w: &mut crate::wire::Writer<'_>, disks: &[String]) {
+    let n = disks.len().min(MAX_DISKS);
+    w.u32(u32::try_from(n).expect("capped"));
+    for d in &disks[..n] {
+        w.str(d);
+    }
+}
+
+fn decode_disks(r: &mut Reader) -> Result<Vec<String>, DecodeError> {
+    let n = r.count(MAX_DISKS, 4, "disks")?;
+    let mut disks = Vec::with_capacity(n);
+    for _ in 0..n {
+        disks.push(decode_disk_id(r)?);
+    }
+    Ok(disks)
+}
+
+fn decode_bool(r: &mut Reader, what: &str) -> Result<bool, DecodeError> {
+    match r.u8(what)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(DecodeError::Invalid(format!("{what}: {other} is not a boolean"))),
     }
 }
 
@@ -629,6 +804,45 @@ mod tests {
                 }),
             (any::<u16>(), "[ -~]{0,100}")
                 .prop_map(|(code, reason)| Message::Error { code, reason }),
+            (
+                "[ -~]{0,20}",
+                "[ -~]{0,20}",
+                proptest::collection::vec(disk_id(), 0..4),
+                any::<bool>()
+            )
+                .prop_map(|(group, agent, disks, shut_down)| Message::Control {
+                    group,
+                    agent,
+                    disks,
+                    shut_down
+                }),
+            (1u8..4).prop_map(|c| Message::Directive {
+                action: Action::from_code(c).unwrap_or(Action::Continue)
+            }),
+            (
+                "[ -~]{0,20}",
+                any::<u64>(),
+                1u8..4,
+                proptest::collection::vec(disk_id(), 0..4),
+                any::<u64>()
+            )
+                .prop_map(|(group, point_id, k, disks, deadline_ms)| {
+                    Message::PointPrepare {
+                        group,
+                        agent: "a1".into(),
+                        point_id,
+                        kind: TagKind::from_code(k).unwrap_or(TagKind::CrashConsistent),
+                        disks,
+                        deadline_ms,
+                    }
+                }),
+            (any::<u64>(), any::<bool>(), "[ -~]{0,40}").prop_map(
+                |(point_id, commit, reason)| Message::PointDecision {
+                    point_id,
+                    commit,
+                    reason
+                }
+            ),
         ]
     }
 

@@ -12,6 +12,32 @@ use boomerang_common::pki;
 use clap::{Parser, Subcommand};
 
 use crate::config::MtConfig;
+use crate::control::{self, Request};
+
+/// Targets as absolute paths (the daemon runs elsewhere).
+fn absolute_targets(
+    to: Vec<(String, PathBuf)>,
+) -> anyhow::Result<std::collections::BTreeMap<String, PathBuf>> {
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let mut out = std::collections::BTreeMap::new();
+    for (disk, path) in to {
+        let path = if path.is_absolute() {
+            path
+        } else {
+            cwd.join(path)
+        };
+        if out.insert(disk.clone(), path).is_some() {
+            anyhow::bail!("--to names disk {disk} twice");
+        }
+    }
+    Ok(out)
+}
+
+fn print_result(v: serde_json::Value, json: bool) {
+    if json {
+        println!("{v}");
+    }
+}
 
 /// Boomerang master target: writes replicas and runs the operator's commands.
 #[derive(Debug, Parser)]
@@ -25,14 +51,103 @@ pub struct Cli {
 enum Command {
     /// Run the master target daemon.
     Run(RunArgs),
-    /// Show each replicated disk: size, bytes applied, seq, consistent or syncing, lag.
+    /// Show each group (state, RPO, points kept, journal size, last error) and each
+    /// replicated disk (size, bytes applied, seq, consistent or syncing, lag).
     Status {
-        /// State directory of the master target.
-        #[arg(long, default_value = "/var/lib/boomerang-mt")]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        dirs: Dirs,
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
+    },
+    /// List a group's recovery points: id, kind, time, disks; marks latest-processed
+    /// and latest-app.
+    Points {
+        #[command(flatten)]
+        dirs: Dirs,
+        /// The group.
+        #[arg(long)]
+        group: String,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail a group over to a recovery point: roll its replicas back in place, or
+    /// materialize the point to --to targets. Replication of the group stops until
+    /// `commit` or `failover --cancel`.
+    Failover {
+        #[command(flatten)]
+        dirs: Dirs,
+        /// The group.
+        #[arg(long)]
+        group: String,
+        /// latest (drain the sources and shut them down first), latest-processed (the
+        /// newest point here now), latest-app, or a point id.
+        #[arg(long, required_unless_present = "cancel")]
+        point: Option<String>,
+        /// Target for a disk, as DISK=PATH (image file or block device); repeatable.
+        /// Give one per disk, or none to roll the replicas in place.
+        #[arg(long = "to", value_parser = parse_id_path)]
+        to: Vec<(String, PathBuf)>,
+        /// Cancel the pending failover: replication resumes.
+        #[arg(long, conflicts_with = "point")]
+        cancel: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Materialize a recovery point into scratch targets while replication goes on.
+    TestFailover {
+        #[command(flatten)]
+        dirs: Dirs,
+        /// The group.
+        #[arg(long)]
+        group: String,
+        /// latest-processed, latest-app or a point id (latest means latest-processed).
+        #[arg(long, required_unless_present = "cleanup")]
+        point: Option<String>,
+        /// Target for a disk, as DISK=PATH; one per disk.
+        #[arg(long = "to", value_parser = parse_id_path)]
+        to: Vec<(String, PathBuf)>,
+        /// Remove the image files earlier test failovers of the group created.
+        #[arg(long, conflicts_with = "point")]
+        cleanup: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Commit a failover: history after the point is dropped, the old source is told
+    /// to stop replicating and forget the group; the group is failed back, unprotected.
+    Commit {
+        #[command(flatten)]
+        dirs: Dirs,
+        /// The group.
+        #[arg(long)]
+        group: String,
+    },
+    /// Replicate a failed-back group the other way: writes the configuration of the
+    /// agent that ships its disks (now the source) to the given process server.
+    Reprotect {
+        #[command(flatten)]
+        dirs: Dirs,
+        /// The group.
+        #[arg(long)]
+        group: String,
+        /// The process server that carries the data to the other site (ADDR:PORT).
+        #[arg(long)]
+        process_server: String,
+        /// Name of the agent that will run here (its certificate's name).
+        #[arg(long, default_value = "agent")]
+        agent_name: String,
+    },
+    /// Take a failed-back group back as a replication target (once the other site has
+    /// failed it over again).
+    Protect {
+        #[command(flatten)]
+        dirs: Dirs,
+        /// The group.
+        #[arg(long)]
+        group: String,
     },
     /// Manage the deployment's certificate authority.
     #[command(subcommand)]
@@ -41,6 +156,25 @@ enum Command {
     /// sample disk, start all three roles on loopback, replicate, change a few percent,
     /// replicate the delta, verify the replica byte for byte.
     Quickstart(crate::quickstart::QuickstartArgs),
+}
+
+/// Where the master target keeps its state.
+#[derive(Debug, clap::Args)]
+struct Dirs {
+    /// State directory of the master target.
+    #[arg(long, default_value = "/var/lib/boomerang-mt")]
+    state_dir: PathBuf,
+    /// Retention directory, when not `<state_dir>/retention`.
+    #[arg(long)]
+    retention_dir: Option<PathBuf>,
+}
+
+impl Dirs {
+    fn retention(&self) -> PathBuf {
+        self.retention_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("retention"))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,6 +216,15 @@ struct RunArgs {
     /// Replica location for a disk, as ID=PATH (image file or block device); repeatable.
     #[arg(long = "replica", value_parser = parse_id_path)]
     replicas: Vec<(String, PathBuf)>,
+    /// Retention directory (default `<state_dir>/retention`).
+    #[arg(long)]
+    retention_dir: Option<PathBuf>,
+    /// Seconds `failover --point latest` waits for the sources to drain.
+    #[arg(long)]
+    drain_timeout_secs: Option<u64>,
+    /// Seconds between applications of the retention policy.
+    #[arg(long)]
+    prune_interval_secs: Option<u64>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -107,20 +250,115 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 config.state_dir = s;
             }
             config.replicas.extend(args.replicas);
+            if args.retention_dir.is_some() {
+                config.retention_dir = args.retention_dir;
+            }
+            if let Some(s) = args.drain_timeout_secs {
+                config.drain_timeout_secs = s;
+            }
+            if let Some(s) = args.prune_interval_secs {
+                config.prune_interval_secs = s;
+            }
             args.tls.apply(&mut config.tls, &mut config.name);
             runtime().map_err(anyhow::Error::msg)?.block_on(async {
                 let shutdown = shutdown_on_signals();
                 crate::server::run(config, shutdown).await
             })
         }
-        Command::Status { state_dir, json } => {
-            let disks = crate::status::collect(&state_dir)
+        Command::Status { dirs, json } => {
+            let state_dir = &dirs.state_dir;
+            let disks = crate::status::collect(state_dir)
+                .with_context(|| format!("reading state in {}", state_dir.display()))?;
+            let groups = crate::status::collect_groups(state_dir, &dirs.retention())
                 .with_context(|| format!("reading state in {}", state_dir.display()))?;
             if json {
-                println!("{}", serde_json::json!({ "disks": disks }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "groups": groups, "disks": disks })
+                );
             } else {
+                if !groups.is_empty() {
+                    print!("{}", crate::status::render_groups(&groups));
+                    println!();
+                }
                 print!("{}", crate::status::render(&disks));
             }
+            Ok(())
+        }
+        Command::Points { dirs, group, json } => {
+            let records = crate::disks::load_records(&dirs.state_dir)
+                .with_context(|| format!("reading state in {}", dirs.state_dir.display()))?;
+            if !records.iter().any(|r| r.group == group) {
+                anyhow::bail!("no disk of group {group} is known in {}; `boomerang-mt status` lists the groups", dirs.state_dir.display());
+            }
+            let lines = crate::points::listing(&crate::points::group_points(&records, &group));
+            if json {
+                println!("{}", serde_json::json!({ "group": group, "points": lines }));
+            } else {
+                print!("{}", crate::points::render(&group, &lines));
+            }
+            Ok(())
+        }
+        Command::Failover {
+            dirs,
+            group,
+            point,
+            to,
+            cancel,
+            json,
+        } => {
+            let request = if cancel {
+                Request::Cancel { group }
+            } else {
+                Request::Failover {
+                    group,
+                    point: point.unwrap_or_else(|| "latest".into()),
+                    to: absolute_targets(to)?,
+                }
+            };
+            print_result(control::call(&dirs.state_dir, &request, json)?, json);
+            Ok(())
+        }
+        Command::TestFailover {
+            dirs,
+            group,
+            point,
+            to,
+            cleanup,
+            json,
+        } => {
+            let request = if cleanup {
+                Request::TestCleanup { group }
+            } else {
+                Request::TestFailover {
+                    group,
+                    point: point.unwrap_or_else(|| "latest-processed".into()),
+                    to: absolute_targets(to)?,
+                }
+            };
+            print_result(control::call(&dirs.state_dir, &request, json)?, json);
+            Ok(())
+        }
+        Command::Commit { dirs, group } => {
+            control::call(&dirs.state_dir, &Request::Commit { group }, false)?;
+            Ok(())
+        }
+        Command::Reprotect {
+            dirs,
+            group,
+            process_server,
+            agent_name,
+        } => {
+            let request = Request::Reprotect {
+                group,
+                process_server,
+                agent_name,
+            };
+            control::call(&dirs.state_dir, &request, false)?;
+            Ok(())
+        }
+        Command::Protect { dirs, group } => {
+            control::call(&dirs.state_dir, &Request::Protect { group }, false)?;
             Ok(())
         }
         Command::Pki(PkiCommand::Init { dir }) => {

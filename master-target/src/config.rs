@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use boomerang_common::config::TlsPaths;
+
+use crate::retention_plan::RetentionPolicy;
 use serde::{Deserialize, Serialize};
 
 /// `boomerang-mt run` configuration.
@@ -25,6 +27,16 @@ pub struct MtConfig {
     /// Replica location per disk id (image file or block device); disks not listed get
     /// `<state_dir>/replicas/<disk>.img`. Default: empty.
     pub replicas: BTreeMap<String, PathBuf>,
+    /// Where the retention journals live (best on storage of their own).
+    /// Default: `<state_dir>/retention`.
+    pub retention_dir: Option<PathBuf>,
+    /// Which recovery points to keep. Default: see [`RetentionPolicy`].
+    pub retention: RetentionPolicy,
+    /// How often the retention policy is applied, in seconds. Default: 10.
+    pub prune_interval_secs: u64,
+    /// How long `failover --point latest` waits for the group's agents to ship what
+    /// they hold and shut down, in seconds. Default: 120.
+    pub drain_timeout_secs: u64,
 }
 
 impl Default for MtConfig {
@@ -35,6 +47,10 @@ impl Default for MtConfig {
             state_dir: PathBuf::from("/var/lib/boomerang-mt"),
             tls: TlsPaths::default(),
             replicas: BTreeMap::new(),
+            retention_dir: None,
+            retention: RetentionPolicy::default(),
+            prune_interval_secs: 10,
+            drain_timeout_secs: 120,
         }
     }
 }
@@ -50,7 +66,20 @@ impl MtConfig {
         if self.state_dir.as_os_str().is_empty() {
             return Err("state_dir is empty".into());
         }
+        self.retention
+            .validate()
+            .map_err(|e| format!("retention: {e}"))?;
+        if self.prune_interval_secs == 0 || self.drain_timeout_secs == 0 {
+            return Err("prune_interval_secs and drain_timeout_secs must be at least 1".into());
+        }
         Ok(())
+    }
+
+    /// The retention directory in effect.
+    pub fn retention_dir(&self) -> PathBuf {
+        self.retention_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("retention"))
     }
 }
 

@@ -14,6 +14,12 @@
 //! flush is released at once (group commit). Rule 3: extents are verified
 //! (decompressed and hashed) before the record waits for its turn, so a corrupt
 //! batch never touches the replica.
+//!
+//! Retention: once a disk holds a recovery point, every write first saves the bytes it
+//! overwrites in the disk's undo journal (see [`crate::retention`]), made durable
+//! before the replica is touched; a tag records the journal's end as its cut's lsn.
+//! Before the first point nothing is worth keeping, so an initial sync costs no
+//! journal. While its group is failing over, a disk is paused: nothing is applied.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +34,7 @@ use tokio::sync::{watch, Notify};
 use tracing::{error, info, warn};
 
 use crate::replica::Replica;
+use crate::retention::{History, RetentionError, UndoJournal, MAX_RECORD};
 
 /// A position in a disk's stream: the next seq expected in a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -51,6 +58,13 @@ pub struct Cut {
     pub generation: u64,
     /// Seq of the tag.
     pub seq: u64,
+    /// The retention journal's end when the tag was applied: writing back every record
+    /// from here on, newest first, turns the replica into this cut.
+    #[serde(default)]
+    pub lsn: u64,
+    /// The disk's size at the cut.
+    #[serde(default)]
+    pub size: u64,
 }
 
 /// What the master target remembers durably about a disk.
@@ -70,11 +84,10 @@ pub struct DiskRecord {
     pub bytes_applied: u64,
     /// The cut the replica is consistent at, when it is.
     pub cut: Option<Cut>,
-    /// The most recent cuts of the current generation the replica has been
-    /// consistent at, oldest first (at most [`RECENT_CUTS`]); the retention journal
-    /// will keep the data to go back to them.
+    /// The crash- and app-consistent cuts the retention journal can give back, oldest
+    /// first (at most [`MAX_POINTS`]; the retention executor prunes them).
     #[serde(default)]
-    pub recent_cuts: Vec<Cut>,
+    pub points: Vec<Cut>,
     /// Batches refused because an extent failed its hash.
     pub integrity_failures: u64,
     /// When the last record was applied (ms since epoch).
@@ -95,7 +108,7 @@ impl DiskRecord {
             },
             bytes_applied: 0,
             cut: None,
-            recent_cuts: Vec::new(),
+            points: Vec::new(),
             integrity_failures: 0,
             last_apply_ms: 0,
         }
@@ -216,6 +229,22 @@ pub enum ApplyError {
         /// Seconds waited.
         secs: u64,
     },
+    /// The disk's group is failing over: replication waits for commit or cancel.
+    #[error("disk {disk}: {reason}")]
+    Paused {
+        /// Disk.
+        disk: String,
+        /// Why.
+        reason: String,
+    },
+    /// The retention journal failed.
+    #[error("disk {disk}: {source}")]
+    Retention {
+        /// Disk.
+        disk: String,
+        /// What failed.
+        source: RetentionError,
+    },
     /// The disk's flusher failed; no more acks until restart.
     #[error("disk {0}: the last flush failed; see the log, fix the storage and restart")]
     FlushFailed(String),
@@ -225,39 +254,51 @@ pub enum ApplyError {
 #[derive(Debug)]
 pub struct Disk {
     id: String,
-    replica: Arc<dyn Replica>,
+    replica: Mutex<Arc<dyn Replica>>,
     record: Mutex<DiskRecord>,
     state: Arc<Mutex<StateFile<DiskRecord>>>,
     apply_lock: tokio::sync::Mutex<()>,
+    flush_lock: tokio::sync::Mutex<()>,
     applied: watch::Sender<Position>,
     durable: watch::Sender<Position>,
     dirty: AtomicBool,
     flush_kick: Notify,
     flush_failed: AtomicBool,
+    journal: Mutex<UndoJournal>,
+    compressor: Mutex<Zstd>,
+    paused: Mutex<Option<String>>,
 }
 
-/// How many recent cuts a disk record lists.
-pub const RECENT_CUTS: usize = 64;
+/// Most points one disk record keeps, whatever the retention policy says.
+pub const MAX_POINTS: usize = 4096;
 
 /// How long a record waits for its predecessor before it is refused.
 const GAP_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Disk {
     /// Wraps a disk whose record was loaded from `state`; starts its flusher.
-    pub fn start(replica: Arc<dyn Replica>, state: StateFile<DiskRecord>) -> Arc<Self> {
+    pub fn start(
+        replica: Arc<dyn Replica>,
+        state: StateFile<DiskRecord>,
+        journal: UndoJournal,
+    ) -> Arc<Self> {
         let record = state.get().clone();
         let position = record.position;
         let disk = Arc::new(Disk {
             id: record.disk.clone(),
-            replica,
+            replica: Mutex::new(replica),
             record: Mutex::new(record),
             state: Arc::new(Mutex::new(state)),
             apply_lock: tokio::sync::Mutex::new(()),
+            flush_lock: tokio::sync::Mutex::new(()),
             applied: watch::Sender::new(position),
             durable: watch::Sender::new(position),
             dirty: AtomicBool::new(false),
             flush_kick: Notify::new(),
             flush_failed: AtomicBool::new(false),
+            journal: Mutex::new(journal),
+            compressor: Mutex::new(Zstd(None)),
+            paused: Mutex::new(None),
         });
         tokio::spawn(flusher(disk.clone()));
         disk
@@ -269,8 +310,14 @@ impl Disk {
     }
 
     /// The replica.
-    pub fn replica(&self) -> &Arc<dyn Replica> {
-        &self.replica
+    pub fn replica(&self) -> Arc<dyn Replica> {
+        lock(&self.replica).clone()
+    }
+
+    /// Replaces the replica store (a committed failover to a target makes the target
+    /// the disk's replica). The caller has paused the disk and recorded the new path.
+    pub fn swap_replica(&self, replica: Arc<dyn Replica>) {
+        *lock(&self.replica) = replica;
     }
 
     /// A copy of the in-memory record (may be ahead of the durable one).
@@ -283,6 +330,97 @@ impl Disk {
         *self.durable.borrow()
     }
 
+    /// The record as last stored (what a restart would find).
+    pub fn durable_record(&self) -> DiskRecord {
+        lock(&self.state).get().clone()
+    }
+
+    /// The retention journal's end: the lsn a tag applied now would get.
+    pub fn journal_end(&self) -> u64 {
+        lock(&self.journal).end_lsn()
+    }
+
+    /// Bytes the retention journal holds.
+    pub fn journal_bytes(&self) -> u64 {
+        lock(&self.journal).size_bytes()
+    }
+
+    /// Stops (with `reason`, told to senders) or resumes applying records; returns once
+    /// a record being applied has finished.
+    pub async fn set_paused(&self, reason: Option<String>) {
+        *lock(&self.paused) = reason;
+        drop(self.apply_lock.lock().await);
+    }
+
+    /// Why the disk is paused, when it is.
+    pub fn paused(&self) -> Option<String> {
+        lock(&self.paused).clone()
+    }
+
+    /// Stores `change` applied to the record, durably, right away (operator actions).
+    /// Waits out a flush in progress, so that no older snapshot is stored after it.
+    pub async fn update_record(
+        &self,
+        change: impl FnOnce(&mut DiskRecord),
+    ) -> Result<(), ApplyError> {
+        let _flush = self.flush_lock.lock().await;
+        let _apply = self.apply_lock.lock().await;
+        let record = {
+            let mut rec = lock(&self.record);
+            change(&mut rec);
+            rec.clone()
+        };
+        let position = record.position;
+        lock(&self.state)
+            .store(record)
+            .map_err(|e| ApplyError::Io {
+                disk: self.id.clone(),
+                what: "store disk record",
+                source: std::io::Error::other(e),
+            })?;
+        // A new position (a stream restarted after a roll back) holds for the apply
+        // path and for what the process server is told from now on.
+        if *self.applied.borrow() != position {
+            self.applied.send_replace(position);
+            self.durable.send_replace(position);
+        }
+        Ok(())
+    }
+
+    /// Keeps the journal from being pruned until the returned guard drops.
+    pub fn pin_history(self: &Arc<Self>) -> HistoryPin {
+        lock(&self.journal).pin();
+        HistoryPin { disk: self.clone() }
+    }
+
+    /// The history from `lsn` to the journal's current end.
+    pub fn history(&self, lsn: u64) -> Result<History, ApplyError> {
+        lock(&self.journal)
+            .history(lsn)
+            .map_err(|source| self.retention_error(source))
+    }
+
+    /// Deletes journal segments older than `lsn`; returns bytes freed.
+    pub fn prune_journal_below(&self, lsn: u64) -> Result<u64, ApplyError> {
+        lock(&self.journal)
+            .prune_below(lsn)
+            .map_err(|source| self.retention_error(source))
+    }
+
+    /// Discards history from `lsn` on (after a committed failover).
+    pub fn truncate_journal(&self, lsn: u64) -> Result<(), ApplyError> {
+        lock(&self.journal)
+            .truncate_from(lsn)
+            .map_err(|source| self.retention_error(source))
+    }
+
+    fn retention_error(&self, source: RetentionError) -> ApplyError {
+        ApplyError::Retention {
+            disk: self.id.clone(),
+            source,
+        }
+    }
+
     /// Follows a resized source: resizes the replica, then durably records the new
     /// size. The agent starts a new generation after a resize, so the replica is
     /// consistent again only at that generation's first tag.
@@ -292,10 +430,14 @@ impl Disk {
             what,
             source,
         };
-        self.replica.resize(size).map_err(|e| io("resize", e))?;
+        self.replica().resize(size).map_err(|e| io("resize", e))?;
         let record = {
             let mut rec = lock(&self.record);
             info!(disk = %self.id, from = rec.size, to = size, "replica resized");
+            if size < rec.size && !rec.points.is_empty() {
+                warn!(disk = %self.id, dropped = rec.points.len(), "the disk shrank: its older points lost their tail and are dropped");
+                rec.points.clear();
+            }
             rec.size = size;
             rec.clone()
         };
@@ -325,6 +467,7 @@ impl Disk {
     /// Records a tag in order; returns once it is durable.
     pub async fn apply_tag(&self, tag: &Tag) -> Result<Outcome, ApplyError> {
         self.apply_in_order(tag.generation, tag.seq, |disk| {
+            let lsn = lock(&disk.journal).end_lsn();
             let mut rec = lock(&disk.record);
             let cut = Cut {
                 kind: tag.kind,
@@ -332,12 +475,16 @@ impl Disk {
                 time_ms: tag.time_ms,
                 generation: tag.generation,
                 seq: tag.seq,
+                lsn,
+                size: rec.size,
             };
-            rec.recent_cuts.retain(|c| c.generation == tag.generation);
-            if rec.recent_cuts.len() >= RECENT_CUTS {
-                rec.recent_cuts.remove(0);
+            // A scan taken under writes is a complete copy, not a point to go back to.
+            if tag.kind != TagKind::SyncComplete {
+                if rec.points.len() >= MAX_POINTS {
+                    rec.points.remove(0);
+                }
+                rec.points.push(cut.clone());
             }
-            rec.recent_cuts.push(cut.clone());
             rec.cut = Some(cut);
             if !tag.group.is_empty() {
                 rec.group.clone_from(&tag.group);
@@ -349,10 +496,14 @@ impl Disk {
     }
 
     fn write_batch(&self, batch: &VerifiedBatch) -> Result<(), ApplyError> {
+        if !lock(&self.record).points.is_empty() {
+            self.save_before_images(batch)?;
+        }
+        let replica = self.replica();
         for (offset, run) in &batch.runs {
             let r = match run {
-                Run::Data(range) => self.replica.write_at(*offset, &batch.data[range.clone()]),
-                Run::Zeros(len) => self.replica.write_zeros(*offset, *len),
+                Run::Data(range) => replica.write_at(*offset, &batch.data[range.clone()]),
+                Run::Zeros(len) => replica.write_zeros(*offset, *len),
             };
             r.map_err(|source| ApplyError::Io {
                 disk: self.id.clone(),
@@ -362,6 +513,51 @@ impl Disk {
         }
         lock(&self.record).bytes_applied += batch.raw_len;
         Ok(())
+    }
+
+    /// Appends the bytes `batch` is about to overwrite to the undo journal and makes
+    /// them durable: only then may the replica change.
+    fn save_before_images(&self, batch: &VerifiedBatch) -> Result<(), ApplyError> {
+        let mut journal = lock(&self.journal);
+        let mut compressor = lock(&self.compressor);
+        let compressor =
+            match &mut compressor.0 {
+                Some(c) => c,
+                slot => slot.insert(zstd::bulk::Compressor::new(1).map_err(|source| {
+                    ApplyError::Io {
+                        disk: self.id.clone(),
+                        what: "start zstd",
+                        source,
+                    }
+                })?),
+            };
+        let mut before = Vec::new();
+        let replica = self.replica();
+        for (offset, run) in &batch.runs {
+            let len = match run {
+                Run::Data(r) => r.len() as u64,
+                Run::Zeros(n) => *n,
+            };
+            let mut at = 0u64;
+            while at < len {
+                let n = (len - at).min(MAX_RECORD as u64);
+                before.resize(usize::try_from(n).unwrap_or(MAX_RECORD), 0);
+                replica
+                    .read_at(offset + at, &mut before)
+                    .map_err(|source| ApplyError::Io {
+                        disk: self.id.clone(),
+                        what: "read before-image",
+                        source,
+                    })?;
+                journal
+                    .append(offset + at, &before, compressor)
+                    .map_err(|source| self.retention_error(source))?;
+                at += n;
+            }
+        }
+        journal
+            .sync()
+            .map_err(|source| self.retention_error(source))
     }
 
     async fn apply_in_order(
@@ -387,6 +583,12 @@ impl Disk {
             }
             let my_turn = (generation == cur.generation && seq == cur.next_seq)
                 || (generation > cur.generation && seq == 0);
+            if let Some(reason) = self.paused() {
+                return Err(ApplyError::Paused {
+                    disk: self.id.clone(),
+                    reason,
+                });
+            }
             if my_turn {
                 let _guard = self.apply_lock.lock().await;
                 if *self.applied.borrow() != cur {
@@ -397,7 +599,6 @@ impl Disk {
                     if generation > rec.position.generation {
                         info!(disk = %self.id, from = rec.position.generation, to = generation, "new generation: replica inconsistent until its first tag");
                         rec.cut = None;
-                        rec.recent_cuts.clear();
                     }
                 }
                 apply(self)?;
@@ -453,6 +654,27 @@ impl Disk {
     }
 }
 
+/// The compressor of before-images, made on first use.
+struct Zstd(Option<zstd::bulk::Compressor<'static>>);
+
+impl std::fmt::Debug for Zstd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Zstd")
+    }
+}
+
+/// Keeps a disk's journal from being pruned while a point is materialized.
+#[derive(Debug)]
+pub struct HistoryPin {
+    disk: Arc<Disk>,
+}
+
+impl Drop for HistoryPin {
+    fn drop(&mut self) {
+        lock(&self.disk.journal).unpin();
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -464,6 +686,8 @@ async fn flusher(disk: Arc<Disk>) {
     loop {
         disk.flush_kick.notified().await;
         while disk.dirty.swap(false, Ordering::SeqCst) {
+            // Operator updates of the record wait for this whole flush.
+            let _flush = disk.flush_lock.lock().await;
             // Snapshot under the apply lock so position and record agree.
             let (target, record) = {
                 let _g = disk.apply_lock.lock().await;
@@ -471,7 +695,7 @@ async fn flusher(disk: Arc<Disk>) {
             };
             let d = disk.clone();
             let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-                d.replica
+                d.replica()
                     .flush()
                     .map_err(|e| format!("fdatasync replica: {e}"))?;
                 lock(&d.state)
@@ -522,7 +746,8 @@ mod tests {
             Arc::new(FileReplica::open_or_create(&dir.join("d0.img"), 1 << 20).expect("replica"));
         let rec = DiskRecord::new("d0", "g", 1 << 20, dir.join("d0.img"));
         let st = StateFile::open_or_create(&dir.join("d0.state"), rec).expect("state");
-        Disk::start(replica, st)
+        let journal = UndoJournal::open(&dir.join("retention")).expect("journal");
+        Disk::start(replica, st, journal)
     }
 
     fn read(dir: &std::path::Path, offset: u64) -> u8 {
@@ -585,7 +810,10 @@ mod tests {
         };
         disk.apply_tag(&tag).await.expect("tag");
         assert!(disk.record().cut.is_some());
-        assert_eq!(disk.record().recent_cuts.len(), 1);
+        assert!(
+            disk.record().points.is_empty(),
+            "a sync-complete cut is no recovery point"
+        );
         let v = verify_batch(&batch(0, 2, 65536, 2), 1 << 20).expect("verifies");
         assert_eq!(
             disk.apply_batch(2, 0, v).await.expect("gen 2"),

@@ -13,6 +13,7 @@ use tracing::info;
 
 use crate::disk::{Disk, DiskRecord};
 use crate::replica::{FileReplica, Replica};
+use crate::retention::UndoJournal;
 
 /// Errors opening or describing disks.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,7 @@ pub enum DisksError {
 #[derive(Debug)]
 pub struct Disks {
     state_dir: PathBuf,
+    retention_dir: PathBuf,
     overrides: BTreeMap<String, PathBuf>,
     disks: Mutex<HashMap<String, Arc<Disk>>>,
 }
@@ -87,12 +89,14 @@ impl Disks {
     /// Opens the state directory and every disk recorded in it.
     pub fn open(
         state_dir: &Path,
+        retention_dir: &Path,
         overrides: BTreeMap<String, PathBuf>,
     ) -> Result<Self, DisksError> {
         for d in [
             state_dir.to_path_buf(),
             state_dir.join("disks"),
             state_dir.join("replicas"),
+            retention_dir.to_path_buf(),
         ] {
             create_dir_durable(&d).map_err(|e| DisksError::Storage {
                 what: "create",
@@ -102,6 +106,7 @@ impl Disks {
         }
         let disks = Disks {
             state_dir: state_dir.to_path_buf(),
+            retention_dir: retention_dir.to_path_buf(),
             overrides,
             disks: Mutex::new(HashMap::new()),
         };
@@ -114,12 +119,53 @@ impl Disks {
                     reason: e.to_string(),
                 }
             })?;
-            info!(disk = %rec.disk, generation = rec.position.generation, next_seq = rec.position.next_seq, "disk loaded");
+            let journal = disks.open_journal(&rec.disk)?;
+            info!(disk = %rec.disk, generation = rec.position.generation, next_seq = rec.position.next_seq, points = rec.points.len(), journal_bytes = journal.size_bytes(), "disk loaded");
             disks
                 .lock()
-                .insert(rec.disk.clone(), Disk::start(replica, st));
+                .insert(rec.disk.clone(), Disk::start(replica, st, journal));
         }
         Ok(disks)
+    }
+
+    fn open_journal(&self, disk: &str) -> Result<UndoJournal, DisksError> {
+        let dir = self.retention_dir.join(disk);
+        UndoJournal::open(&dir).map_err(|e| DisksError::Storage {
+            what: "open retention journal",
+            path: dir,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Every disk, sorted by id.
+    pub fn all(&self) -> Vec<Arc<Disk>> {
+        let mut v: Vec<_> = self.lock().values().cloned().collect();
+        v.sort_by(|a, b| a.id().cmp(b.id()));
+        v
+    }
+
+    /// The disks of `group` (as their in-memory records say), sorted by id.
+    pub fn of_group(&self, group: &str) -> Vec<Arc<Disk>> {
+        self.all()
+            .into_iter()
+            .filter(|d| d.record().group == group)
+            .collect()
+    }
+
+    /// Opens the replica the disk's record names now and makes it the disk's store
+    /// (after a committed failover to a target).
+    pub fn reload(&self, disk: &str) -> Result<(), DisksError> {
+        let d = self.get(disk)?;
+        let rec = d.record();
+        let replica = open_replica(&rec.replica, rec.size)?;
+        d.swap_replica(replica);
+        info!(disk, replica = %rec.replica.display(), "replica is now the failed-back disk");
+        Ok(())
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Disk>>> {
@@ -170,7 +216,8 @@ impl Disks {
             reason: e.to_string(),
         })?;
         info!(disk, size, replica = %path.display(), "new disk: replica ready");
-        let d = Disk::start(replica, st);
+        let journal = self.open_journal(disk)?;
+        let d = Disk::start(replica, st, journal);
         self.lock().entry(disk.to_string()).or_insert(d);
         Ok(DiskState {
             disk: disk.to_string(),

@@ -1,5 +1,7 @@
 //! The master target's network side: accepts process servers (and nobody else), and
-//! answers each request stream: disk announcements, batches, tags and manifests.
+//! answers each request stream: disk announcements, batches, tags, manifests, agents'
+//! check-ins and multi-agent point prepares. Beside it run the control socket for the
+//! operator's commands and the retention executor.
 
 use std::sync::Arc;
 
@@ -11,6 +13,9 @@ use tracing::{debug, info, warn};
 use crate::config::MtConfig;
 use crate::disk::{verify_batch, Outcome};
 use crate::disks::Disks;
+use crate::failover::Site;
+use crate::groups::Groups;
+use std::time::Duration;
 
 /// Runs the master target until `shutdown` flips. Prints `listening on ADDR` on stdout
 /// once ready, for scripts and tests.
@@ -21,8 +26,25 @@ pub async fn run(config: MtConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)
         .context("invalid configuration")?;
     let disks = Arc::new(
-        Disks::open(&config.state_dir, config.replicas.clone())
-            .context("opening the state directory")?,
+        Disks::open(
+            &config.state_dir,
+            &config.retention_dir(),
+            config.replicas.clone(),
+        )
+        .context("opening the state directory")?,
+    );
+    let groups = Arc::new(Groups::open(&config.state_dir)?);
+    let site = Arc::new(Site {
+        disks,
+        groups,
+        drain_timeout: Duration::from_secs(config.drain_timeout_secs),
+    });
+    site.resume().await;
+    let control = crate::control::serve(&config.state_dir, site.clone()).await?;
+    let pruner = crate::prune::spawn(
+        site.clone(),
+        config.retention.clone(),
+        Duration::from_secs(config.prune_interval_secs),
     );
     let endpoint = transport::server_endpoint(config.listen, &config.tls)
         .with_context(|| format!("starting QUIC on {}", config.listen))?;
@@ -35,11 +57,14 @@ pub async fn run(config: MtConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         software: env!("CARGO_PKG_VERSION").into(),
     };
     let handler = move |msg: Message, _frame: bytes::Bytes| {
-        let disks = disks.clone();
-        async move { handle(&disks, msg).await }
+        let site = site.clone();
+        async move { handle(&site, msg).await }
     };
     transport::serve(&endpoint, &[Role::Ps], hello, shutdown, handler).await;
     info!("shutting down");
+    control.abort();
+    pruner.abort();
+    let _ = std::fs::remove_file(crate::control::socket_path(&config.state_dir));
     endpoint.close(
         transport::CLOSE_SHUTDOWN.into(),
         b"master target shutting down",
@@ -49,9 +74,13 @@ pub async fn run(config: MtConfig, shutdown: Shutdown) -> anyhow::Result<()> {
 }
 
 /// Answers one request.
-pub async fn handle(disks: &Arc<Disks>, msg: Message) -> Message {
+pub async fn handle(site: &Arc<Site>, msg: Message) -> Message {
+    let disks = &site.disks;
     match msg {
         Message::OpenDisk { disk, size, group } => {
+            if let Some(reason) = disks.get(&disk).ok().and_then(|d| d.paused()) {
+                return Message::error(ErrorCode::UnknownDisk, reason);
+            }
             let d = disks.clone();
             blocking(move || d.open_disk(&disk, size, &group))
                 .await
@@ -123,6 +152,42 @@ pub async fn handle(disks: &Arc<Disks>, msg: Message) -> Message {
                     seq: tag.seq,
                 },
                 Err(e) => Message::error(ErrorCode::Unavailable, e.to_string()),
+            }
+        }
+        Message::Control {
+            group,
+            agent,
+            disks: agent_disks,
+            shut_down,
+        } => Message::Directive {
+            action: site.groups.check_in(&group, &agent, agent_disks, shut_down),
+        },
+        Message::PointPrepare {
+            group,
+            agent,
+            point_id,
+            kind,
+            disks: agent_disks,
+            deadline_ms,
+        } => {
+            let all = disks
+                .all()
+                .iter()
+                .map(|d| d.record())
+                .filter(|r| r.group == group)
+                .map(|r| r.disk)
+                .collect();
+            debug!(group, agent, point_id, ?kind, "point prepare");
+            // Never hold a stream longer than a minute, whatever the agent asked.
+            let deadline_ms = deadline_ms.min(boomerang_common::config::now_ms() + 60_000);
+            let (commit, reason) = site
+                .groups
+                .prepare(&group, point_id, agent_disks, all, deadline_ms)
+                .await;
+            Message::PointDecision {
+                point_id,
+                commit,
+                reason,
             }
         }
         other => Message::error(

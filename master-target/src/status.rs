@@ -1,5 +1,5 @@
-//! `boomerang-mt status`: what each replicated disk looks like, read straight from the
-//! durable records (works whether or not the daemon runs).
+//! `boomerang-mt status`: what each group and each replicated disk looks like, read
+//! straight from the durable records (works whether or not the daemon runs).
 
 use std::path::Path;
 
@@ -7,6 +7,134 @@ use serde::Serialize;
 
 use crate::disk::DiskRecord;
 use crate::disks::load_records;
+use crate::groups::{load_group, GroupState};
+use crate::points::{group_points, groups};
+
+/// One group's status line.
+#[derive(Debug, Serialize)]
+pub struct GroupStatus {
+    /// Group.
+    pub group: String,
+    /// syncing, protected, failing-over (giving the point back), failover-pending
+    /// (waiting for commit or cancel), failed-back or reprotecting.
+    pub state: String,
+    /// Age of the newest recovery point in seconds (the recovery point objective met
+    /// now), while protected.
+    pub rpo_seconds: Option<u64>,
+    /// Recovery points kept.
+    pub points: usize,
+    /// The newest point's id.
+    pub newest_point: Option<u64>,
+    /// Bytes the group's retention journals hold.
+    pub journal_bytes: u64,
+    /// The failover pending or committed, by point id.
+    pub failover_point: Option<u64>,
+    /// The last operator action that failed, and why.
+    pub last_error: Option<String>,
+    /// The group's disks.
+    pub disks: Vec<String>,
+}
+
+/// Reads the status of every group in `state_dir`.
+pub fn collect_groups(state_dir: &Path, retention_dir: &Path) -> anyhow::Result<Vec<GroupStatus>> {
+    let now = boomerang_common::config::now_ms();
+    let records = load_records(state_dir)?;
+    let mut out = Vec::new();
+    for g in groups(&records) {
+        let rec = load_group(state_dir, &g);
+        let points = group_points(&records, &g);
+        let newest = points.last();
+        let state = match rec.state {
+            GroupState::Protected if newest.is_none() => "syncing",
+            GroupState::Protected => "protected",
+            GroupState::FailoverPending if rec.failover.as_ref().is_some_and(|f| !f.done) => {
+                "failing-over"
+            }
+            GroupState::FailoverPending => "failover-pending",
+            GroupState::FailedBack => "failed-back",
+            GroupState::Reprotecting => "reprotecting",
+        };
+        let disks: Vec<String> = records
+            .iter()
+            .filter(|r| r.group == g)
+            .map(|r| r.disk.clone())
+            .collect();
+        let journal_bytes = disks
+            .iter()
+            .map(|d| dir_bytes(&retention_dir.join(d)))
+            .sum();
+        out.push(GroupStatus {
+            group: g.clone(),
+            state: state.into(),
+            rpo_seconds: newest
+                .filter(|_| rec.state == GroupState::Protected)
+                .map(|p| now.saturating_sub(p.time_ms) / 1000),
+            points: points.len(),
+            newest_point: newest.map(|p| p.id),
+            journal_bytes,
+            failover_point: rec.failover.as_ref().map(|f| f.point_id),
+            last_error: rec.last_error.clone(),
+            disks,
+        });
+    }
+    Ok(out)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Renders the groups as a table for people.
+pub fn render_groups(groups: &[GroupStatus]) -> String {
+    let mut out = format!(
+        "{:<16} {:<17} {:>8} {:>7} {:>11} {}\n",
+        "GROUP", "STATE", "RPO", "POINTS", "JOURNAL", "LAST ERROR"
+    );
+    for g in groups {
+        let rpo = g.rpo_seconds.map_or("-".to_string(), |s| format!("{s}s"));
+        out.push_str(&format!(
+            "{:<16} {:<17} {:>8} {:>7} {:>11} {}\n",
+            g.group,
+            g.state,
+            rpo,
+            g.points,
+            human(g.journal_bytes),
+            g.last_error.as_deref().unwrap_or("-")
+        ));
+    }
+    out
+}
+
+/// A wall time (ms since the epoch) as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn format_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
 
 /// One disk's status line.
 #[derive(Debug, Serialize)]
@@ -33,7 +161,7 @@ pub struct DiskStatus {
     pub point_id: Option<u64>,
     /// Wall time of that cut (ms since epoch).
     pub cut_time_ms: Option<u64>,
-    /// Recent cuts of the current generation: (kind, point id, time ms), oldest first.
+    /// Recovery points the disk holds: (kind, point id, time ms), oldest first.
     pub points: Vec<(String, u64, u64)>,
     /// Seconds since the last record was applied.
     pub lag_seconds: Option<u64>,
@@ -60,7 +188,7 @@ impl DiskStatus {
             point_id: r.cut.as_ref().map(|c| c.point_id),
             cut_time_ms: r.cut.as_ref().map(|c| c.time_ms),
             points: r
-                .recent_cuts
+                .points
                 .iter()
                 .map(|c| (kind_name(c.kind), c.point_id, c.time_ms))
                 .collect(),
@@ -131,5 +259,17 @@ pub fn human(bytes: u64) -> String {
         format!("{bytes} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_utc_dates() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_time(1_795_694_400_000), "2026-11-26 12:00:00 UTC");
+        assert_eq!(format_time(951_782_400_000), "2000-02-29 00:00:00 UTC");
     }
 }

@@ -485,3 +485,67 @@ mod tests {
         SyncReport::from_json(&serde_json::json!({"disks": []}));
     }
 }
+
+/// `boomerang-mt points --state-dir S --group G --json`.
+pub fn mt_points_args(state_dir: &Path, group: &str) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["points".into()];
+    push_flag(&mut args, "--state-dir", state_dir);
+    push_flag(&mut args, "--group", group);
+    args.push("--json".into());
+    args
+}
+
+/// One recovery point of `boomerang-mt points --json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PointInfo {
+    /// Point id.
+    pub id: u64,
+    /// `crash-consistent` or `app-consistent`.
+    pub kind: String,
+    /// Wall time of the point (ms since the epoch).
+    pub time_ms: u64,
+    /// Marked the newest point here.
+    pub latest_processed: bool,
+    /// Marked the newest app-consistent point.
+    pub latest_app: bool,
+}
+
+/// Parses `points --json`; panics naming the missing or mistyped field.
+pub fn parse_points(v: &Value) -> Vec<PointInfo> {
+    let what = "mt points --json";
+    array(v, "points", what)
+        .iter()
+        .map(|p| PointInfo {
+            id: uint(p, "id", what),
+            kind: string(p, "kind", what),
+            time_ms: uint(p, "time_ms", what),
+            latest_processed: field(p, "latest_processed", what).as_bool() == Some(true),
+            latest_app: field(p, "latest_app", what).as_bool() == Some(true),
+        })
+        .collect()
+}
+
+/// `boomerang-mt OP --state-dir S --group G MORE...` for the failback commands
+/// (`failover`, `test-failover`, `commit`, `reprotect`, `protect`).
+pub fn mt_group_op_args(
+    op: &str,
+    state_dir: &Path,
+    group: &str,
+    more: &[OsString],
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![op.into()];
+    push_flag(&mut args, "--state-dir", state_dir);
+    push_flag(&mut args, "--group", group);
+    args.extend(more.iter().cloned());
+    args
+}
+
+/// `--point P` plus one `--to DISK=PATH` per target.
+pub fn point_to_args(point: &str, targets: &[(String, PathBuf)]) -> Vec<OsString> {
+    let mut args = Vec::new();
+    push_flag(&mut args, "--point", point);
+    for (disk, path) in targets {
+        push_flag(&mut args, "--to", disk_eq_path(disk, path));
+    }
+    args
+}

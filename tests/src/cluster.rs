@@ -215,6 +215,61 @@ impl Cluster {
         MtStatus::from_json(&json)
     }
 
+    /// The recovery points of `group` (`boomerang-mt points --json`).
+    pub fn mt_points(&self, group: &str) -> Vec<cli::PointInfo> {
+        cli::parse_points(&run_json(&mut boomerang_command(
+            cli::MT_BIN,
+            cli::mt_points_args(&self.mt_state_dir(), group),
+        )))
+    }
+
+    /// Runs a failback command (`failover`, `test-failover`, `commit`, ...) of `group`
+    /// against this master target and returns its output whatever the exit status.
+    pub fn mt_op_output(&self, op: &str, group: &str, more: &[OsString]) -> Output {
+        let mut cmd = boomerang_command(
+            cli::MT_BIN,
+            cli::mt_group_op_args(op, &self.mt_state_dir(), group, more),
+        );
+        let out = run(&mut cmd);
+        self.append_log("mt-ops", &cmd, &out);
+        out
+    }
+
+    /// Starts a failback command as a child (output to `logs/mt-ops-child.log`), for
+    /// tests that kill the master target while it runs.
+    pub fn mt_op_child(&self, op: &str, group: &str, more: &[OsString]) -> std::process::Child {
+        let _ = std::fs::create_dir_all(self.logs_dir());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.logs_dir().join("mt-ops-child.log"))
+            .expect("open the mt-ops-child log");
+        let err = log.try_clone().expect("clone the log handle");
+        boomerang_command(
+            cli::MT_BIN,
+            cli::mt_group_op_args(op, &self.mt_state_dir(), group, more),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()
+        .expect("start boomerang-mt")
+    }
+
+    /// [`Cluster::mt_op_output`] that panics unless it exits 0; returns stdout.
+    pub fn mt_op(&self, op: &str, group: &str, more: &[OsString]) -> String {
+        let out = self.mt_op_output(op, group, more);
+        if !out.status.success() {
+            panic!(
+                "boomerang-mt {op} --group {group} failed ({}):\n{}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn append_log(&self, label: &str, cmd: &Command, out: &Output) {
         let path = self.logs_dir().join(format!("{label}.log"));
         let _ = std::fs::create_dir_all(self.logs_dir());

@@ -1,0 +1,729 @@
+//! The operator's failback actions, run inside the master target daemon (they reach
+//! it through the control socket, see [`crate::control`]): failover, cancel, test
+//! failover and its cleanup, commit, reprotect, and protect.
+//!
+//! Every action first records its intent in the group's durable record, then acts, then
+//! records the outcome, so a crash in between is finished (or can be retried) after a
+//! restart: a failover still marked not done is run again at start-up; rolling back
+//! and materializing are idempotent.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use boomerang_common::config::now_ms;
+use boomerang_common::message::TagKind;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{info, warn};
+
+use crate::disk::{Cut, Disk, Position};
+use crate::disks::Disks;
+use crate::groups::{Failover, GroupState, Groups, Reprotect, TestTarget};
+use crate::materialize;
+use crate::points::{choose, group_points, GroupPoint, PointChoice};
+
+/// What an action tells the operator while it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Event {
+    /// Bytes done of a disk's phase (copy, rewind, verify).
+    Progress {
+        /// Disk.
+        disk: String,
+        /// Phase.
+        phase: String,
+        /// Bytes done.
+        done: u64,
+        /// Bytes in all.
+        total: u64,
+    },
+    /// A line for the operator.
+    Line(String),
+}
+
+/// Where the actions' events go.
+pub type Events = UnboundedSender<Event>;
+
+fn say(ev: &Events, line: impl Into<String>) {
+    let line = line.into();
+    info!("{line}");
+    let _ = ev.send(Event::Line(line));
+}
+
+/// What the actions work on.
+#[derive(Debug)]
+pub struct Site {
+    /// The disks.
+    pub disks: Arc<Disks>,
+    /// The groups.
+    pub groups: Arc<Groups>,
+    /// How long `latest` waits for the sources to drain.
+    pub drain_timeout: Duration,
+}
+
+/// One disk's result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskResult {
+    /// Disk.
+    pub disk: String,
+    /// Where the point's bytes are.
+    pub path: PathBuf,
+    /// blake3 of those bytes, read back.
+    pub blake3: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// The result of a failover or test failover.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PointResult {
+    /// Group.
+    pub group: String,
+    /// The point.
+    pub point_id: u64,
+    /// Its kind.
+    pub kind: TagKind,
+    /// Its time.
+    pub time_ms: u64,
+    /// Each disk.
+    pub disks: Vec<DiskResult>,
+}
+
+impl Site {
+    /// The group's points, from the durable records.
+    pub fn points(&self, group: &str) -> Vec<GroupPoint> {
+        let records: Vec<_> = self
+            .disks
+            .all()
+            .iter()
+            .map(|d| d.durable_record())
+            .collect();
+        group_points(&records, group)
+    }
+
+    fn group_disks(&self, group: &str) -> anyhow::Result<Vec<Arc<Disk>>> {
+        let disks: Vec<_> = self
+            .disks
+            .all()
+            .into_iter()
+            .filter(|d| d.durable_record().group == group)
+            .collect();
+        if disks.is_empty() {
+            bail!("no disk of group {group} is known to this master target; `boomerang-mt status` lists the groups");
+        }
+        Ok(disks)
+    }
+
+    /// Each disk's newest cut: `latest` after a drain, where each machine of the group
+    /// goes to its own newest point.
+    fn newest_cuts(&self, group: &str) -> anyhow::Result<GroupPoint> {
+        let mut cuts = Vec::new();
+        for d in self.group_disks(group)? {
+            let rec = d.durable_record();
+            let cut = rec
+                .points
+                .last()
+                .cloned()
+                .ok_or_else(|| anyhow!("disk {} has no recovery point yet", rec.disk))?;
+            cuts.push((rec.disk, cut));
+        }
+        let kind = if cuts.iter().all(|(_, c)| c.kind == TagKind::AppConsistent) {
+            TagKind::AppConsistent
+        } else {
+            TagKind::CrashConsistent
+        };
+        Ok(GroupPoint {
+            id: cuts.iter().map(|(_, c)| c.point_id).max().unwrap_or(0),
+            kind,
+            time_ms: cuts.iter().map(|(_, c)| c.time_ms).max().unwrap_or(0),
+            cuts,
+        })
+    }
+
+    fn pick(&self, group: &str, choice: PointChoice) -> anyhow::Result<GroupPoint> {
+        if choice == PointChoice::Latest {
+            return self.newest_cuts(group);
+        }
+        let points = self.points(group);
+        choose(&points, choice).cloned().ok_or_else(|| match choice {
+            PointChoice::Id(id) => anyhow!("group {group} has no point {id}; `boomerang-mt points --group {group}` lists them"),
+            PointChoice::LatestApp => anyhow!("group {group} has no app-consistent point common to all its disks yet; choose latest-processed or wait for the next app-consistent tag"),
+            _ => anyhow!("group {group} has no recovery point yet: every disk needs at least one (wait for the first tag after the initial sync)"),
+        })
+    }
+
+    /// `failover`: drains first for `latest`, pauses the group, and gives back the
+    /// point in place or into `targets`.
+    pub async fn failover(
+        &self,
+        group: &str,
+        choice: PointChoice,
+        targets: BTreeMap<String, PathBuf>,
+        ev: &Events,
+    ) -> anyhow::Result<PointResult> {
+        let _one = self.groups.action_lock.lock().await;
+        let rec = self.groups.record(group);
+        match rec.state {
+            GroupState::Protected => {}
+            GroupState::FailoverPending => match &rec.failover {
+                Some(f) if !f.done => {
+                    say(ev, format!("group {group}: finishing the interrupted failover to point {}", f.point_id));
+                    return self.finish_failover(group, ev).await;
+                }
+                _ => bail!("group {group} is already failed over: run `boomerang-mt commit --group {group}` or `boomerang-mt failover --group {group} --cancel` first"),
+            },
+            GroupState::FailedBack | GroupState::Reprotecting => bail!(
+                "group {group} was failed back and committed; it is not protected into this master target any more (`boomerang-mt protect --group {group}` takes it back as a target)"
+            ),
+        }
+        let disks = self.group_disks(group)?;
+        check_targets(group, &disks, &targets)?;
+        if choice == PointChoice::Latest {
+            self.drain(group, &disks, ev).await?;
+        }
+        let point = self.pick(group, choice)?;
+        say(
+            ev,
+            format!(
+                "group {group}: failing over to point {} ({}, {})",
+                point.id,
+                kind_name(point.kind),
+                crate::status::format_time(point.time_ms)
+            ),
+        );
+        let reason = format!("group {group} is failed over to point {}: replication waits for `boomerang-mt commit` or `failover --cancel`", point.id);
+        let cuts: BTreeMap<String, Cut> = point.cuts.iter().cloned().collect();
+        self.groups.update(group, |r| {
+            r.state = GroupState::FailoverPending;
+            r.failover = Some(Failover {
+                point_id: point.id,
+                kind: point.kind,
+                time_ms: point.time_ms,
+                cuts: cuts.clone(),
+                targets: targets.clone(),
+                done: false,
+                started_ms: now_ms(),
+                committed_ms: None,
+            });
+            r.last_error = None;
+        })?;
+        for d in &disks {
+            d.set_paused(Some(reason.clone())).await;
+        }
+        self.finish_failover(group, ev).await
+    }
+
+    /// Runs (or runs again) the recorded failover of `group` until every disk holds
+    /// the point.
+    pub async fn finish_failover(&self, group: &str, ev: &Events) -> anyhow::Result<PointResult> {
+        let rec = self.groups.record(group);
+        let f = rec
+            .failover
+            .clone()
+            .ok_or_else(|| anyhow!("group {group} has no failover to finish"))?;
+        let disks = self.group_disks(group)?;
+        let reason = format!("group {group} is failed over to point {}: replication waits for `boomerang-mt commit` or `failover --cancel`", f.point_id);
+        let mut results = Vec::new();
+        for d in &disks {
+            d.set_paused(Some(reason.clone())).await;
+            let cut = f
+                .cuts
+                .get(d.id())
+                .cloned()
+                .ok_or_else(|| anyhow!("disk {} has no cut of point {}", d.id(), f.point_id))?;
+            let target = f.targets.get(d.id()).cloned();
+            let r = self
+                .give_back(d, &cut, target.as_deref(), ev)
+                .await
+                .inspect_err(|e| {
+                    let msg = format!("{e:#}");
+                    let _ = self.groups.update(group, |r| r.last_error = Some(msg));
+                })?;
+            if target.is_none() {
+                // The replica now holds the point: points after it are gone, and the
+                // stream it had received is no longer what it holds, so whatever is
+                // sent next must be a new generation that resyncs.
+                let keep = cut.clone();
+                d.update_record(|r| {
+                    r.points
+                        .retain(|c| c.lsn < keep.lsn || c.point_id == keep.point_id);
+                    r.cut = Some(keep.clone());
+                    r.position = Position {
+                        generation: r.position.generation + 1,
+                        next_seq: 0,
+                    };
+                })
+                .await?;
+            }
+            results.push(r);
+        }
+        self.groups.update(group, |r| {
+            if let Some(f) = &mut r.failover {
+                f.done = true;
+            }
+        })?;
+        for r in &results {
+            say(
+                ev,
+                format!(
+                    "verified {}: {} bytes at point {}, blake3 {} ({})",
+                    r.disk,
+                    r.size,
+                    f.point_id,
+                    r.blake3,
+                    r.path.display()
+                ),
+            );
+        }
+        say(ev, format!("group {group} failed over; check the machines, then `boomerang-mt commit --group {group}` (or `failover --group {group} --cancel`)"));
+        Ok(PointResult {
+            group: group.to_string(),
+            point_id: f.point_id,
+            kind: f.kind,
+            time_ms: f.time_ms,
+            disks: results,
+        })
+    }
+
+    async fn give_back(
+        &self,
+        disk: &Arc<Disk>,
+        cut: &Cut,
+        target: Option<&Path>,
+        ev: &Events,
+    ) -> anyhow::Result<DiskResult> {
+        let d = disk.clone();
+        let c = cut.clone();
+        let t = target.map(Path::to_path_buf);
+        let ev2 = ev.clone();
+        let id = disk.id().to_string();
+        let path = t.clone().unwrap_or_else(|| disk.record().replica);
+        let blake3 = tokio::task::spawn_blocking(move || {
+            let mut last = std::time::Instant::now();
+            let mut progress = |phase: &'static str, done: u64, total: u64| {
+                if done == total || last.elapsed() >= Duration::from_millis(200) {
+                    last = std::time::Instant::now();
+                    let _ = ev2.send(Event::Progress {
+                        disk: id.clone(),
+                        phase: phase.into(),
+                        done,
+                        total,
+                    });
+                }
+            };
+            match &t {
+                Some(t) => materialize::to_target(&d, &c, t, &mut progress),
+                None => materialize::in_place(&d, &c, &mut progress),
+            }
+        })
+        .await
+        .context("materialize task")??;
+        Ok(DiskResult {
+            disk: disk.id().to_string(),
+            path,
+            blake3,
+            size: cut.size,
+        })
+    }
+
+    /// Asks the group's agents to ship what they hold and shut down, and waits until
+    /// every disk holds a point taken after the request.
+    async fn drain(&self, group: &str, disks: &[Arc<Disk>], ev: &Events) -> anyhow::Result<()> {
+        let asked = self.groups.request_shutdown(group, true);
+        say(ev, format!("group {group}: asked its agents to ship everything they hold, run their shutdown hook and stop (waiting up to {} s)", self.drain_timeout.as_secs()));
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        let mut last_note = tokio::time::Instant::now();
+        loop {
+            let members = self.groups.members(group);
+            let covered: std::collections::BTreeSet<String> =
+                members.values().flat_map(|m| m.disks.clone()).collect();
+            let uncovered: Vec<String> = disks
+                .iter()
+                .map(|d| d.id().to_string())
+                .filter(|d| !covered.contains(d))
+                .collect();
+            let running: Vec<String> = members
+                .iter()
+                .filter(|(_, m)| !m.shut_down)
+                .map(|(a, m)| {
+                    format!(
+                        "{a} (last seen {} s ago)",
+                        now_ms().saturating_sub(m.last_seen_ms) / 1000
+                    )
+                })
+                .collect();
+            let behind: Vec<String> = disks
+                .iter()
+                .filter(|d| {
+                    d.durable_record()
+                        .points
+                        .last()
+                        .is_none_or(|c| c.time_ms < asked)
+                })
+                .map(|d| d.id().to_string())
+                .collect();
+            if uncovered.is_empty() && running.is_empty() && behind.is_empty() {
+                say(
+                    ev,
+                    format!(
+                        "group {group}: every agent shut down and every disk holds its final point"
+                    ),
+                );
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.groups.request_shutdown(group, false);
+                let mut why = Vec::new();
+                if !uncovered.is_empty() {
+                    why.push(format!("no agent checked in for disks {} (agents check in every few seconds while tracking)", uncovered.join(", ")));
+                }
+                if !running.is_empty() {
+                    why.push(format!(
+                        "agents did not confirm their shutdown: {}",
+                        running.join(", ")
+                    ));
+                }
+                if !behind.is_empty() {
+                    why.push(format!("disks {} have not received their final point (is the process server reachable?)", behind.join(", ")));
+                }
+                bail!(
+                    "group {group}: the sources could not be drained within {} s: {}; choose --point latest-processed to fail over to what is here already",
+                    self.drain_timeout.as_secs(),
+                    why.join("; ")
+                );
+            }
+            if last_note.elapsed() >= Duration::from_secs(5) {
+                last_note = tokio::time::Instant::now();
+                say(ev, format!("group {group}: draining: {} agent(s) still running, {} disk(s) waiting for their final point", running.len() + uncovered.len(), behind.len()));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `failover --cancel`: resumes replication. A replica rolled in place resyncs in
+    /// a new generation (only differing chunks move).
+    pub async fn cancel(&self, group: &str, ev: &Events) -> anyhow::Result<()> {
+        let _one = self.groups.action_lock.lock().await;
+        let rec = self.groups.record(group);
+        if rec.state != GroupState::FailoverPending {
+            bail!(
+                "group {group} has no failover pending (it is {})",
+                state_name(rec.state)
+            );
+        }
+        self.groups.request_shutdown(group, false);
+        self.groups.update(group, |r| {
+            r.state = GroupState::Protected;
+            r.last_error = None;
+        })?;
+        for d in self.group_disks(group)? {
+            d.set_paused(None).await;
+        }
+        say(ev, format!("group {group}: failover cancelled, replication resumes (agents that shut down must be started again; a replica rolled back resyncs)"));
+        Ok(())
+    }
+
+    /// `test-failover`: materializes a point into scratch targets while replication
+    /// goes on.
+    pub async fn test_failover(
+        &self,
+        group: &str,
+        choice: PointChoice,
+        targets: BTreeMap<String, PathBuf>,
+        ev: &Events,
+    ) -> anyhow::Result<PointResult> {
+        let _one = self.groups.action_lock.lock().await;
+        let disks = self.group_disks(group)?;
+        if targets.is_empty() {
+            bail!("test-failover needs --to DISK=PATH for every disk of group {group}: it never touches the replicas");
+        }
+        check_targets(group, &disks, &targets)?;
+        let choice = if choice == PointChoice::Latest {
+            PointChoice::LatestProcessed
+        } else {
+            choice
+        };
+        let point = self.pick(group, choice)?;
+        let made: Vec<TestTarget> = targets
+            .iter()
+            .map(|(disk, path)| TestTarget {
+                disk: disk.clone(),
+                path: path.clone(),
+                created: !path.exists(),
+            })
+            .collect();
+        // Recorded before anything is made, so that --cleanup finds it after a crash.
+        self.groups.update(group, |r| {
+            for t in &made {
+                if !r.test_targets.iter().any(|x| x.path == t.path) {
+                    r.test_targets.push(t.clone());
+                }
+            }
+        })?;
+        say(
+            ev,
+            format!(
+                "group {group}: test failover to point {} ({}); replication goes on",
+                point.id,
+                kind_name(point.kind)
+            ),
+        );
+        let mut results = Vec::new();
+        for d in &disks {
+            let cut = point
+                .cuts
+                .iter()
+                .find(|(id, _)| id == d.id())
+                .map(|(_, c)| c.clone())
+                .ok_or_else(|| anyhow!("disk {} has no cut of point {}", d.id(), point.id))?;
+            let target = targets.get(d.id()).map(PathBuf::as_path);
+            let r = self.give_back(d, &cut, target, ev).await?;
+            say(
+                ev,
+                format!(
+                    "verified {}: {} bytes at point {}, blake3 {} ({})",
+                    r.disk,
+                    r.size,
+                    point.id,
+                    r.blake3,
+                    r.path.display()
+                ),
+            );
+            results.push(r);
+        }
+        Ok(PointResult {
+            group: group.to_string(),
+            point_id: point.id,
+            kind: point.kind,
+            time_ms: point.time_ms,
+            disks: results,
+        })
+    }
+
+    /// `test-failover --cleanup`: removes the image files test failovers created.
+    pub async fn test_cleanup(&self, group: &str, ev: &Events) -> anyhow::Result<()> {
+        let _one = self.groups.action_lock.lock().await;
+        let rec = self.groups.record(group);
+        for t in &rec.test_targets {
+            if t.created && t.path.is_file() {
+                std::fs::remove_file(&t.path)
+                    .with_context(|| format!("removing {}", t.path.display()))?;
+                say(ev, format!("removed {}", t.path.display()));
+            } else {
+                say(
+                    ev,
+                    format!(
+                        "left {} in place (it existed before the test failover)",
+                        t.path.display()
+                    ),
+                );
+            }
+        }
+        self.groups.update(group, |r| r.test_targets.clear())?;
+        say(ev, format!("group {group}: test failover cleaned up"));
+        Ok(())
+    }
+
+    /// `commit`: the failed-over disks become the group's disks here; history after the
+    /// point is dropped; the old source is told to stop and forget the group.
+    pub async fn commit(&self, group: &str, ev: &Events) -> anyhow::Result<()> {
+        let _one = self.groups.action_lock.lock().await;
+        let rec = self.groups.record(group);
+        let f = match (&rec.state, &rec.failover) {
+            (GroupState::FailoverPending, Some(f)) if f.done => f.clone(),
+            (GroupState::FailoverPending, _) => bail!("group {group}: the failover has not finished; run the failover again to finish it, or cancel it"),
+            (s, _) => bail!("group {group} has no failover to commit (it is {})", state_name(*s)),
+        };
+        for d in self.group_disks(group)? {
+            let Some(cut) = f.cuts.get(d.id()).cloned() else {
+                continue;
+            };
+            // The disk now holds the point (rolled in place, or materialized to the
+            // target that becomes its replica): history after the point is void.
+            d.truncate_journal(cut.lsn)?;
+            let target = f.targets.get(d.id()).cloned();
+            let keep = cut.clone();
+            d.update_record(|r| {
+                r.points
+                    .retain(|c| c.lsn < keep.lsn || c.point_id == keep.point_id);
+                r.cut = Some(keep.clone());
+                if let Some(t) = &target {
+                    r.replica.clone_from(t);
+                }
+                if r.position.generation <= keep.generation {
+                    r.position = Position {
+                        generation: keep.generation + 1,
+                        next_seq: 0,
+                    };
+                }
+            })
+            .await?;
+            if target.is_some() {
+                self.disks.reload(d.id())?;
+            }
+        }
+        self.groups.request_shutdown(group, false);
+        let reason = format!("group {group} failed back here and is the live source now; `boomerang-mt protect --group {group}` takes it back as a replication target");
+        self.groups.update(group, |r| {
+            r.state = GroupState::FailedBack;
+            if let Some(f) = &mut r.failover {
+                f.committed_ms = Some(now_ms());
+            }
+        })?;
+        for d in self.group_disks(group)? {
+            d.set_paused(Some(reason.clone())).await;
+        }
+        say(ev, format!("group {group}: failover to point {} committed; the old source is told to stop replicating and forget the group; the group is failed back and unprotected (reprotect it to replicate it again)", f.point_id));
+        Ok(())
+    }
+
+    /// `reprotect`: writes the configuration of the agent that replicates the
+    /// failed-back disks to `process_server`, and marks the group reprotecting.
+    pub async fn reprotect(
+        &self,
+        group: &str,
+        process_server: &str,
+        agent_name: &str,
+        ev: &Events,
+    ) -> anyhow::Result<PathBuf> {
+        let _one = self.groups.action_lock.lock().await;
+        let rec = self.groups.record(group);
+        if !matches!(rec.state, GroupState::FailedBack | GroupState::Reprotecting) {
+            bail!(
+                "group {group} is {}: only a committed failover can be reprotected",
+                state_name(rec.state)
+            );
+        }
+        let ps: std::net::SocketAddr = process_server.parse().with_context(|| {
+            format!("--process-server {process_server:?} is not an address such as 192.0.2.7:7600")
+        })?;
+        let mut cfg = String::new();
+        cfg.push_str(&format!(
+            "# Written by `boomerang-mt reprotect --group {group}`: the failed-back disks of\n# group {group} are the source now; run `boomerang-agent track --config <this file>`.\nname = \"{agent_name}\"\ngroup = \"{group}\"\nprocess_server = \"{ps}\"\n"
+        ));
+        for d in self.group_disks(group)? {
+            let r = d.durable_record();
+            cfg.push_str(&format!(
+                "\n[[disks]]\nid = \"{}\"\npath = \"{}\"\n",
+                r.disk,
+                r.replica.display()
+            ));
+        }
+        let dir = self.disks.state_dir().join("reprotect");
+        boomerang_common::durable::create_dir_durable(&dir)
+            .map_err(|e| anyhow!("create {}: {e}", dir.display()))?;
+        let path = dir.join(format!("{group}.toml"));
+        boomerang_common::durable::write_atomic(&path, cfg.as_bytes(), 0o644)
+            .map_err(|e| anyhow!("write {}: {e}", path.display()))?;
+        self.groups.update(group, |r| {
+            r.state = GroupState::Reprotecting;
+            r.reprotect = Some(Reprotect {
+                process_server: ps.to_string(),
+                agent_config: path.clone(),
+                started_ms: now_ms(),
+            });
+        })?;
+        say(ev, format!("group {group}: reprotecting to {ps}; the agent configuration is {}: start `boomerang-agent track --config {}` on this site (the first sync compares chunk hashes with the other site's disks and moves only what differs)", path.display(), path.display()));
+        Ok(path)
+    }
+
+    /// `protect`: takes a failed-back group back as a replication target (after the
+    /// other site failed it over again). The next stream resyncs against the disks
+    /// here, so only differing chunks move.
+    pub async fn protect(&self, group: &str, ev: &Events) -> anyhow::Result<()> {
+        let _one = self.groups.action_lock.lock().await;
+        let rec = self.groups.record(group);
+        if !matches!(rec.state, GroupState::FailedBack | GroupState::Reprotecting) {
+            bail!(
+                "group {group} is {}: it is protected already or failing over",
+                state_name(rec.state)
+            );
+        }
+        self.groups.update(group, |r| {
+            r.state = GroupState::Protected;
+            r.reprotect = None;
+            r.failover = None;
+            r.last_error = None;
+        })?;
+        for d in self.group_disks(group)? {
+            d.set_paused(None).await;
+        }
+        say(ev, format!("group {group}: protected into this master target again; its disks here take the next replication stream (seeded: only differing chunks move)"));
+        Ok(())
+    }
+
+    /// Finishes failovers a crash interrupted (called at start-up), and pauses the disks
+    /// of groups that are not protected.
+    pub async fn resume(&self) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let groups: std::collections::BTreeSet<String> = self
+            .disks
+            .all()
+            .iter()
+            .map(|d| d.durable_record().group)
+            .collect();
+        for g in groups {
+            let rec = self.groups.record(&g);
+            let reason = match rec.state {
+                GroupState::Protected => continue,
+                GroupState::FailoverPending => format!("group {g} is failed over: replication waits for `boomerang-mt commit` or `failover --cancel`"),
+                _ => format!("group {g} failed back here and is the live source now; `boomerang-mt protect --group {g}` takes it back as a replication target"),
+            };
+            for d in self.group_disks(&g).unwrap_or_default() {
+                d.set_paused(Some(reason.clone())).await;
+            }
+            if rec.state == GroupState::FailoverPending
+                && rec.failover.as_ref().is_some_and(|f| !f.done)
+            {
+                warn!(group = %g, "a failover was interrupted: finishing it");
+                if let Err(e) = self.finish_failover(&g, &tx).await {
+                    warn!(group = %g, error = %format!("{e:#}"), "finishing the interrupted failover failed; run it again");
+                }
+            }
+        }
+    }
+}
+
+fn check_targets(
+    group: &str,
+    disks: &[Arc<Disk>],
+    targets: &BTreeMap<String, PathBuf>,
+) -> anyhow::Result<()> {
+    if targets.is_empty() {
+        return Ok(());
+    }
+    for t in targets.keys() {
+        if !disks.iter().any(|d| d.id() == t) {
+            bail!("--to names disk {t}, which is not in group {group}");
+        }
+    }
+    for d in disks {
+        if !targets.contains_key(d.id()) {
+            bail!("--to gives no target for disk {} of group {group}: give one for every disk, or none to roll the replicas in place", d.id());
+        }
+    }
+    Ok(())
+}
+
+/// Name of a kind for people.
+pub fn kind_name(kind: TagKind) -> &'static str {
+    match kind {
+        TagKind::AppConsistent => "app-consistent",
+        TagKind::CrashConsistent => "crash-consistent",
+        TagKind::SyncComplete => "sync-complete",
+    }
+}
+
+/// Name of a state for people.
+pub fn state_name(state: GroupState) -> &'static str {
+    match state {
+        GroupState::Protected => "protected",
+        GroupState::FailoverPending => "failover pending",
+        GroupState::FailedBack => "failed back",
+        GroupState::Reprotecting => "reprotecting",
+    }
+}

@@ -1,0 +1,191 @@
+//! Giving back the bytes of a recovery point: into a target (image file or block
+//! device), or into the replica itself (roll back in place).
+//!
+//! Materializing copies the replica as it is now, then writes the retention journal's
+//! records from the point's lsn back over the copy, newest first (see
+//! [`crate::retention`]). Replication may go on meanwhile: any write that lands in the
+//! replica during the copy had its record appended before it, and the history is read
+//! after the copy ends, so the copy's blocks are all put back. The journal is pinned
+//! against pruning for the duration. Nothing here changes the replica or the records,
+//! so a crash in the middle leaves every point intact; run it again.
+//!
+//! Rolling back in place writes the same records over the replica. A crash half way
+//! leaves some blocks rolled: writing the records back again is idempotent, so the
+//! roll is simply redone.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::disk::{Cut, Disk};
+use crate::replica::{FileReplica, Replica};
+use crate::retention::UndoTarget;
+
+/// Bytes copied per read.
+const PIECE: usize = 4 << 20;
+
+/// Progress of one disk: phase, done, total (bytes).
+pub type Progress<'a> = &'a mut dyn FnMut(&'static str, u64, u64);
+
+/// Writes history back into a replica-like store, clipped to the point's size.
+struct Into<'a> {
+    store: &'a dyn Replica,
+    size: u64,
+}
+
+impl UndoTarget for Into<'_> {
+    fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if offset >= self.size {
+            return Ok(());
+        }
+        let n = usize::try_from((self.size - offset).min(data.len() as u64)).unwrap_or(0);
+        self.store.write_at(offset, &data[..n])
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if offset >= self.size {
+            return Ok(());
+        }
+        self.store.write_zeros(offset, len.min(self.size - offset))
+    }
+}
+
+/// Errors giving back a point.
+#[derive(Debug, thiserror::Error)]
+pub enum MaterializeError {
+    /// Reading the replica or writing the target failed.
+    #[error("disk {disk}: {what} {path}: {source}")]
+    Io {
+        /// Disk.
+        disk: String,
+        /// Step.
+        what: &'static str,
+        /// Path concerned.
+        path: String,
+        /// OS error.
+        source: io::Error,
+    },
+    /// The journal could not give the history.
+    #[error("{0}")]
+    History(String),
+    /// The target is the replica itself.
+    #[error("disk {disk}: target {path} is the replica itself; materialize elsewhere, or leave out --to to roll the replica in place")]
+    TargetIsReplica {
+        /// Disk.
+        disk: String,
+        /// Target.
+        path: String,
+    },
+}
+
+/// Materializes `cut` of `disk` into `target` (created sparse when missing); returns
+/// the blake3 of the target's bytes, read back.
+pub fn to_target(
+    disk: &Arc<Disk>,
+    cut: &Cut,
+    target: &Path,
+    progress: Progress<'_>,
+) -> Result<String, MaterializeError> {
+    let id = disk.id().to_string();
+    let io = |what, source| MaterializeError::Io {
+        disk: id.clone(),
+        what,
+        path: target.display().to_string(),
+        source,
+    };
+    let replica_path = disk.record().replica;
+    if let (Ok(a), Ok(b)) = (target.canonicalize(), replica_path.canonicalize()) {
+        if a == b {
+            return Err(MaterializeError::TargetIsReplica {
+                disk: id,
+                path: target.display().to_string(),
+            });
+        }
+    }
+    let _pin = disk.pin_history();
+    let out = FileReplica::open_or_create(target, cut.size).map_err(|e| io("open target", e))?;
+    let mut buf = vec![0u8; PIECE];
+    let mut at = 0u64;
+    while at < cut.size {
+        let n = usize::try_from((cut.size - at).min(PIECE as u64)).unwrap_or(PIECE);
+        let b = &mut buf[..n];
+        disk.replica()
+            .read_at(at, b)
+            .map_err(|e| io("read replica for", e))?;
+        if b.iter().all(|&x| x == 0) {
+            out.write_zeros(at, n as u64)
+        } else {
+            out.write_at(at, b)
+        }
+        .map_err(|e| io("write", e))?;
+        at += n as u64;
+        progress("copy", at, cut.size);
+    }
+    let history = disk
+        .history(cut.lsn)
+        .map_err(|e| MaterializeError::History(e.to_string()))?;
+    let total = history.bytes();
+    history
+        .write_back(
+            &mut Into {
+                store: &out,
+                size: cut.size,
+            },
+            |done| progress("rewind", done, total),
+        )
+        .map_err(|e| MaterializeError::History(e.to_string()))?;
+    out.flush().map_err(|e| io("fdatasync", e))?;
+    hash(&out, cut.size, progress).map_err(|e| io("read back", e))
+}
+
+/// Rolls the replica of `disk` back to `cut` in place and syncs it; returns the blake3
+/// of its bytes. The caller has paused the disk.
+pub fn in_place(
+    disk: &Arc<Disk>,
+    cut: &Cut,
+    progress: Progress<'_>,
+) -> Result<String, MaterializeError> {
+    let id = disk.id().to_string();
+    let path = disk.record().replica.display().to_string();
+    let io = |what, source| MaterializeError::Io {
+        disk: id.clone(),
+        what,
+        path: path.clone(),
+        source,
+    };
+    let _pin = disk.pin_history();
+    let history = disk
+        .history(cut.lsn)
+        .map_err(|e| MaterializeError::History(e.to_string()))?;
+    let total = history.bytes();
+    let replica = disk.replica();
+    history
+        .write_back(
+            &mut Into {
+                store: replica.as_ref(),
+                size: cut.size.max(replica.size()),
+            },
+            |done| progress("rewind", done, total),
+        )
+        .map_err(|e| MaterializeError::History(e.to_string()))?;
+    if replica.size() != cut.size {
+        replica.resize(cut.size).map_err(|e| io("resize", e))?;
+    }
+    replica.flush().map_err(|e| io("fdatasync", e))?;
+    hash(replica.as_ref(), cut.size, progress).map_err(|e| io("read back", e))
+}
+
+/// blake3 of the first `size` bytes of `store`, in hex.
+fn hash(store: &dyn Replica, size: u64, progress: Progress<'_>) -> io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; PIECE];
+    let mut at = 0u64;
+    while at < size {
+        let n = usize::try_from((size - at).min(PIECE as u64)).unwrap_or(PIECE);
+        store.read_at(at, &mut buf[..n])?;
+        hasher.update(&buf[..n]);
+        at += n as u64;
+        progress("verify", at, size);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
