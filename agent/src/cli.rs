@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
 use crate::config::{AgentConfig, DiskConfig};
+use crate::control::TrackStop;
 use crate::link::PsLink;
 use crate::sync::{SyncReport, Syncer, Wait};
 
@@ -33,24 +34,14 @@ enum Command {
     /// Replicate continuously from the kernel's block write tracepoints (block devices
     /// only): scan once, then ship written blocks as they change, with consistency
     /// points (paused by --freeze) every --crash-interval / --app-interval seconds.
+    /// Checks in with the master target every --control-interval seconds: when the
+    /// group fails over it takes a final point, ships it, runs --shutdown-hook and
+    /// exits 0; once the failover is committed it forgets the disks' state and exits 0.
     Track {
         #[command(flatten)]
         args: Args,
-        /// Seconds between crash-consistent points.
-        #[arg(long)]
-        crash_interval: Option<f64>,
-        /// Seconds between app-consistent points.
-        #[arg(long)]
-        app_interval: Option<f64>,
-        /// Where changes come from.
-        #[arg(long, value_enum)]
-        source: Option<crate::config::TrackSource>,
-        /// Intercept source: serve each disk as <DIR>/<disk id>/disk.
-        #[arg(long)]
-        serve_dir: Option<PathBuf>,
-        /// Intercept source: journal capacity per disk in MiB.
-        #[arg(long)]
-        journal_mib: Option<u64>,
+        #[command(flatten)]
+        track: TrackArgs,
     },
     /// Sync every disk now and then every --interval seconds, until SIGTERM.
     Run {
@@ -60,6 +51,83 @@ enum Command {
         #[arg(long)]
         interval: Option<u64>,
     },
+}
+
+/// Flags of continuous tracking only.
+#[derive(Debug, Clone, clap::Args)]
+struct TrackArgs {
+    /// Seconds between crash-consistent points.
+    #[arg(long)]
+    crash_interval: Option<f64>,
+    /// Seconds between app-consistent points.
+    #[arg(long)]
+    app_interval: Option<f64>,
+    /// Where changes come from.
+    #[arg(long, value_enum)]
+    source: Option<crate::config::TrackSource>,
+    /// Intercept source: serve each disk as <DIR>/<disk id>/disk.
+    #[arg(long)]
+    serve_dir: Option<PathBuf>,
+    /// Intercept source: journal capacity per disk in MiB.
+    #[arg(long)]
+    journal_mib: Option<u64>,
+    /// Seconds between check-ins with the master target for the group's directive
+    /// (continue, shut down for a failover, forget after a committed failover)
+    /// [default: 2].
+    #[arg(long, value_name = "SECS")]
+    control_interval: Option<f64>,
+    /// Command stopping the workload when the group fails over, run with `sh -c` once
+    /// the final point is durable at the process server (output logged). Without
+    /// one, the operator stops the workload.
+    #[arg(long, value_name = "CMD")]
+    shutdown_hook: Option<String>,
+    /// Seconds the shutdown hook may run before it is killed [default: 300].
+    #[arg(long, value_name = "SECS")]
+    shutdown_hook_timeout: Option<f64>,
+    /// Take interval points together with the group's other agents: on wall-clock
+    /// multiples of the interval (the point id), tagged only when every disk of the
+    /// group paused in time (clocks must agree, e.g. NTP).
+    #[arg(long)]
+    coordinated_points: bool,
+    /// Coordinated points: milliseconds writes stay paused waiting for the group;
+    /// below the pause deadline [default: 1500].
+    #[arg(long, value_name = "MS")]
+    point_deadline_ms: Option<u64>,
+}
+
+impl TrackArgs {
+    fn apply(&self, c: &mut AgentConfig) {
+        if let Some(v) = self.source {
+            c.source = v;
+        }
+        if self.serve_dir.is_some() {
+            c.serve_dir.clone_from(&self.serve_dir);
+        }
+        if let Some(v) = self.journal_mib {
+            c.journal_mib = v;
+        }
+        if let Some(v) = self.crash_interval {
+            c.crash_interval_secs = v;
+        }
+        if let Some(v) = self.app_interval {
+            c.app_interval_secs = v;
+        }
+        if let Some(v) = self.control_interval {
+            c.control_interval_secs = v;
+        }
+        if self.shutdown_hook.is_some() {
+            c.shutdown_hook.clone_from(&self.shutdown_hook);
+        }
+        if let Some(v) = self.shutdown_hook_timeout {
+            c.shutdown_hook_timeout_secs = v;
+        }
+        if self.coordinated_points {
+            c.coordinated_points = true;
+        }
+        if let Some(v) = self.point_deadline_ms {
+            c.point_deadline_ms = v;
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,6 +176,7 @@ struct Args {
 }
 
 impl Args {
+    /// The configuration file with these flags over it, not yet validated.
     fn config(&self) -> anyhow::Result<AgentConfig> {
         let mut c: AgentConfig = match &self.config {
             Some(p) => load_toml(p).map_err(anyhow::Error::msg)?,
@@ -145,9 +214,6 @@ impl Args {
             c.compression_level = v;
         }
         self.tls.apply(&mut c.tls, &mut c.name);
-        c.validate()
-            .map_err(anyhow::Error::msg)
-            .context("invalid configuration")?;
         Ok(c)
     }
 }
@@ -166,41 +232,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let (args, interval, track) = match cli.command {
         Command::Sync(a) => (a, None, None),
         Command::Run { args, interval } => (args, Some(interval), None),
-        Command::Track {
-            args,
-            crash_interval,
-            app_interval,
-            source,
-            serve_dir,
-            journal_mib,
-        } => (
-            args,
-            None,
-            Some((crash_interval, app_interval, source, serve_dir, journal_mib)),
-        ),
+        Command::Track { args, track } => (args, None, Some(track)),
     };
     let mut config = args.config()?;
-    if let Some((crash, app, source, serve_dir, journal_mib)) = track.clone() {
-        if let Some(v) = source {
-            config.source = v;
-        }
-        if serve_dir.is_some() {
-            config.serve_dir = serve_dir;
-        }
-        if let Some(v) = journal_mib {
-            config.journal_mib = v;
-        }
-        if let Some(v) = crash {
-            config.crash_interval_secs = v;
-        }
-        if let Some(v) = app {
-            config.app_interval_secs = v;
-        }
-        config
-            .validate()
-            .map_err(anyhow::Error::msg)
-            .context("invalid configuration")?;
+    if let Some(t) = &track {
+        t.apply(&mut config);
     }
+    config
+        .validate()
+        .map_err(anyhow::Error::msg)
+        .context("invalid configuration")?;
     let wait = if args.no_wait {
         Wait::ProcessServer
     } else {
@@ -310,4 +351,22 @@ fn print_track_report(report: &crate::track::TrackReport, json: bool) {
         p.get(p.len() / 2).copied().unwrap_or(0.0),
         p.last().copied().unwrap_or(0.0)
     );
+    match report.stopped {
+        TrackStop::Signal => {}
+        TrackStop::ShutDown => println!(
+            "stopped for failover: final point {}, shutdown {}",
+            report.final_point_id.map_or_else(
+                || "none (the group's previous point is used)".to_string(),
+                |id| id.to_string()
+            ),
+            if report.shut_down_reported {
+                "reported to the master target"
+            } else {
+                "NOT reported to the master target (unreachable)"
+            }
+        ),
+        TrackStop::Forgotten => println!(
+            "stopped for failover: committed at the master target, this group's state forgotten"
+        ),
+    }
 }

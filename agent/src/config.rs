@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use boomerang_common::config::TlsPaths;
-use boomerang_common::message::CHUNK_SIZE_RANGE;
+use boomerang_common::message::{TagKind, CHUNK_SIZE_RANGE};
 use serde::{Deserialize, Serialize};
 
 /// Where continuous tracking finds changes.
@@ -104,6 +104,30 @@ pub struct AgentConfig {
     /// bitmap mode until it catches up.
     /// Default: 1024.
     pub journal_mib: u64,
+    /// Continuous tracking: seconds between check-ins with the master target (through
+    /// the process server) for the group's directive (keep going, shut down for a
+    /// failover, forget the group after a committed failover).
+    /// Default: 2.
+    pub control_interval_secs: f64,
+    /// Operator's command (run with `sh -c`, in its own process group, output logged)
+    /// that stops the workload once the group's final point before a failover is
+    /// durable at the process server. Default: none (the operator stops the workload).
+    pub shutdown_hook: Option<String>,
+    /// Longest the shutdown hook may run, in seconds; then it is killed and the agent
+    /// stops with an error, without reporting the shutdown.
+    /// Default: 300.
+    pub shutdown_hook_timeout_secs: f64,
+    /// Continuous tracking: take interval points together with the group's other
+    /// agents. Points fall on wall-clock multiples of the interval and carry that
+    /// time as their point id; each agent pauses its writes, tells the master target
+    /// it is ready, and tags only if every disk of the group was ready in time (the
+    /// agents' clocks must agree, e.g. by NTP).
+    /// Default: false.
+    pub coordinated_points: bool,
+    /// Coordinated points: how long an agent holds writes waiting for the group, in
+    /// ms; must be below `pause_deadline_secs`.
+    /// Default: 1500.
+    pub point_deadline_ms: u64,
     /// Kernel write tracing settings (buffer size, health checks).
     pub trace: crate::trace::TraceOptions,
     /// TLS identity. Default: none (set it, or pass --pki-dir).
@@ -136,6 +160,11 @@ impl Default for AgentConfig {
             source: TrackSource::Trace,
             serve_dir: None,
             journal_mib: 1024,
+            control_interval_secs: 2.0,
+            shutdown_hook: None,
+            shutdown_hook_timeout_secs: 300.0,
+            coordinated_points: false,
+            point_deadline_ms: 1500,
             trace: crate::trace::TraceOptions::default(),
             tls: TlsPaths::default(),
         }
@@ -189,6 +218,12 @@ impl AgentConfig {
             ("crash_interval_secs", self.crash_interval_secs, 1.0),
             ("app_interval_secs", self.app_interval_secs, 1.0),
             ("pause_deadline_secs", self.pause_deadline_secs, 0.05),
+            ("control_interval_secs", self.control_interval_secs, 0.1),
+            (
+                "shutdown_hook_timeout_secs",
+                self.shutdown_hook_timeout_secs,
+                1.0,
+            ),
         ] {
             if v.is_nan() || v < min {
                 return Err(format!("{name} = {v} must be at least {min}"));
@@ -201,6 +236,23 @@ impl AgentConfig {
         if self.freeze_deadline_secs.is_nan() || self.freeze_deadline_secs <= 0.0 {
             return Err("freeze_deadline_secs must be positive".into());
         }
+        if self
+            .shutdown_hook
+            .as_deref()
+            .is_some_and(|h| h.trim().is_empty())
+        {
+            return Err("shutdown_hook is empty: leave it out to stop the workload by hand".into());
+        }
+        if self.coordinated_points {
+            let pause_ms = self.pause_deadline_secs * 1000.0;
+            if self.point_deadline_ms < 100 || self.point_deadline_ms as f64 >= pause_ms {
+                return Err(format!(
+                    "point_deadline_ms = {} must be at least 100 and below pause_deadline_secs \
+                     ({pause_ms:.0} ms): writes stay paused while the group decides",
+                    self.point_deadline_ms
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -210,6 +262,22 @@ impl AgentConfig {
             freeze: self.freeze_hook.clone(),
             thaw: self.thaw_hook.clone(),
         }
+    }
+
+    /// Seconds between crash-consistent (`kind` crash) or app-consistent points, in
+    /// whole ms: the slot width of coordinated points.
+    pub fn interval_ms(&self, kind: TagKind) -> u64 {
+        let secs = match kind {
+            TagKind::AppConsistent => self.app_interval_secs,
+            _ => self.crash_interval_secs,
+        };
+        let ms = std::time::Duration::from_secs_f64(secs.max(0.001)).as_millis();
+        u64::try_from(ms).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// The ids of this agent's disks.
+    pub fn disk_ids(&self) -> Vec<String> {
+        self.disks.iter().map(|d| d.id.clone()).collect()
     }
 
     /// Chunk size in bytes.
@@ -275,5 +343,62 @@ mod tests {
             toml::from_str::<AgentConfig>("chunk_kb = 64").is_err(),
             "unknown fields are refused"
         );
+    }
+
+    #[test]
+    fn control_and_coordinated_point_settings_are_checked() -> Result<(), String> {
+        let mut c: AgentConfig = toml::from_str(
+            r#"
+            control_interval_secs = 0.5
+            shutdown_hook = "systemctl stop db"
+            coordinated_points = true
+            point_deadline_ms = 1200
+            [tls]
+            ca = "/pki/ca.pem"
+            cert = "/pki/a.pem"
+            key = "/pki/a.key"
+            [[disks]]
+            id = "d"
+            path = "/dev/null"
+            "#,
+        )
+        .map_err(|e| e.to_string())?;
+        c.validate()?;
+        assert_eq!(AgentConfig::default().point_deadline_ms, 1500);
+        assert!(!AgentConfig::default().coordinated_points);
+        assert_eq!(AgentConfig::default().control_interval_secs, 2.0);
+        // The group's wait holds writes: it must end before the pause deadline does.
+        c.point_deadline_ms = 2000;
+        assert!(c.validate().is_err_and(|e| e.contains("point_deadline_ms")));
+        c.coordinated_points = false;
+        assert!(c.validate().is_ok(), "only checked for coordinated points");
+        c.coordinated_points = true;
+        c.point_deadline_ms = 50;
+        assert!(c.validate().is_err_and(|e| e.contains("point_deadline_ms")));
+        c.point_deadline_ms = 1500;
+        c.control_interval_secs = 0.0;
+        assert!(c
+            .validate()
+            .is_err_and(|e| e.contains("control_interval_secs")));
+        c.control_interval_secs = 2.0;
+        c.shutdown_hook = Some("  ".into());
+        assert!(c.validate().is_err_and(|e| e.contains("shutdown_hook")));
+        c.shutdown_hook = None;
+        c.shutdown_hook_timeout_secs = 0.0;
+        assert!(c
+            .validate()
+            .is_err_and(|e| e.contains("shutdown_hook_timeout_secs")));
+        Ok(())
+    }
+
+    #[test]
+    fn interval_ms_is_the_slot_width() {
+        let c = AgentConfig {
+            crash_interval_secs: 5.0,
+            app_interval_secs: 60.5,
+            ..AgentConfig::default()
+        };
+        assert_eq!(c.interval_ms(TagKind::CrashConsistent), 5000);
+        assert_eq!(c.interval_ms(TagKind::AppConsistent), 60_500);
     }
 }

@@ -54,23 +54,34 @@ pub struct Hooks {
     pub thaw: Option<String>,
 }
 
-/// Runs `command` with `sh -c`, killing it after `timeout`.
-fn run_hook(what: &str, command: &str, timeout: Duration) -> Result<(), String> {
+/// Runs `command` with `sh -c` in its own process group, killing the group after
+/// `timeout`. Its stdout and stderr are logged line by line (never mixed into the
+/// agent's own stdout, which carries reports). Every operator hook runs through here:
+/// freeze, thaw and shutdown.
+pub(crate) fn run_hook(what: &str, command: &str, timeout: Duration) -> Result<(), String> {
     use std::os::unix::process::CommandExt as _;
+    use std::process::Stdio;
     // Its own process group, so a timeout kills whatever the hook started too.
     let mut child = std::process::Command::new("sh")
         .args(["-c", command])
-        .stdin(std::process::Stdio::null())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot run the {what} hook `{command}`: {e}"))?;
+    let mut loggers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        loggers.push(log_lines(what, "stdout", out));
+    }
+    if let Some(err) = child.stderr.take() {
+        loggers.push(log_lines(what, "stderr", err));
+    }
     let deadline = std::time::Instant::now() + timeout;
-    loop {
+    let result = loop {
         match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => {
-                return Err(format!("the {what} hook `{command}` failed: {status}"))
-            }
+            Ok(Some(status)) if status.success() => break Ok(()),
+            Ok(Some(status)) => break Err(format!("the {what} hook `{command}` failed: {status}")),
             Ok(None) if std::time::Instant::now() >= deadline => {
                 if let Ok(pid) = i32::try_from(child.id()) {
                     // SAFETY: signals the process group we created for the hook.
@@ -78,14 +89,54 @@ fn run_hook(what: &str, command: &str, timeout: Duration) -> Result<(), String> 
                 }
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
+                break Err(format!(
                     "the {what} hook `{command}` ran past {timeout:?} and was killed"
                 ));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(format!("waiting for the {what} hook `{command}`: {e}")),
+            Err(e) => break Err(format!("waiting for the {what} hook `{command}`: {e}")),
         }
+    };
+    // Let the last lines reach the log; a process the hook left running in the
+    // background may keep the pipes open, so do not wait for it.
+    let until = std::time::Instant::now() + Duration::from_millis(500);
+    while loggers
+        .iter()
+        .any(|l| l.as_ref().is_some_and(|t| !t.is_finished()))
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(5));
     }
+    result
+}
+
+/// Logs what a hook writes to `stream`, one line (at most 4 KiB) per event, on a
+/// thread of its own; `None` when no thread could be started (the output is lost).
+fn log_lines(
+    what: &str,
+    stream: &'static str,
+    pipe: impl std::io::Read + Send + 'static,
+) -> Option<std::thread::JoinHandle<()>> {
+    use std::io::{BufRead as _, Read as _};
+    let hook = what.to_string();
+    std::thread::Builder::new()
+        .name(format!("{what}-hook-{stream}"))
+        .spawn(move || {
+            let mut reader = std::io::BufReader::new(pipe);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match (&mut reader).take(4096).read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line);
+                        info!(%hook, stream, "hook: {}", text.trim_end());
+                    }
+                }
+            }
+        })
+        .inspect_err(|e| warn!(hook = %what, error = %e, "cannot log the hook's output"))
+        .ok()
 }
 
 /// File systems frozen now; thawed when dropped.

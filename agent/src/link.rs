@@ -27,6 +27,14 @@ pub enum LinkError {
     /// The far side answered with an error that retrying will not fix.
     #[error("{0}")]
     Refused(String),
+    /// A one-shot request got no answer (see [`PsLink::request_once`]).
+    #[error("no answer from process server {addr}: {reason}")]
+    NoAnswer {
+        /// Address.
+        addr: SocketAddr,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// Link to the process server.
@@ -88,6 +96,32 @@ impl PsLink {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// Sends `frame` once and waits at most `timeout` for the answer, which is
+    /// returned as it came (an error answer included): for periodic check-ins and
+    /// point barriers, whose answer is worth nothing late, so they are never retried
+    /// here.
+    pub async fn request_once(
+        &self,
+        frame: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, LinkError> {
+        let attempt = async {
+            let conn = self.dialer.connection().await.map_err(|e| e.to_string())?;
+            transport::request_frame(&conn, frame)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let reason = match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {} ms", timeout.as_millis()),
+        };
+        Err(LinkError::NoAnswer {
+            addr: self.dialer.addr(),
+            reason,
+        })
     }
 
     /// Closes the connection politely.

@@ -11,19 +11,26 @@
 //! Lost trace events are never guessed around: the disk starts a new generation and
 //! is resynced by scan. An unclean stop while tracking is found at the next start by
 //! the `tracking` flag of the disk's state, with the same consequence.
+//!
+//! The master target's directives ([`crate::control`]) end the loop: a failover's
+//! shutdown takes one final point this same way (pause, capture, tag) before the
+//! shutdown hook; a committed failover stops the tracers and forgets the disks'
+//! state. Coordinated points ask the group between capture and thaw, writes still
+//! paused, and tag only on its commit.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use boomerang_common::config::now_ms;
 use boomerang_common::delta::{ExtentEncoder, MAX_EXTENT_LEN};
-use boomerang_common::message::{Message, TagKind};
+use boomerang_common::message::{Action, Message, TagKind};
 use boomerang_common::{Batch, ChunkHash, Codec, Extent};
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::control::{PointSchedule, TrackStop};
 use crate::freeze::FreezeGuard;
 use crate::source::ChangeSource;
 use crate::sync::{DiskCtx, Syncer};
@@ -48,7 +55,28 @@ pub struct TrackReport {
     pub pauses_ms: Vec<f64>,
     /// New generations started because tracking was lost.
     pub resyncs: u64,
+    /// Why tracking ended.
+    pub stopped: TrackStop,
+    /// Tracking ended for a failover of the group: shut down for it, or stopped and
+    /// forgotten after its commit.
+    pub stopped_for_failover: bool,
+    /// Shut down for a failover: the id of the final point (none if it could not be
+    /// taken; the failover then uses the group's previous point).
+    pub final_point_id: Option<u64>,
+    /// Shut down for a failover: the master target heard that this agent shut down.
+    pub shut_down_reported: bool,
 }
+
+impl TrackReport {
+    /// Records why tracking ended.
+    pub(crate) fn set_stopped(&mut self, why: TrackStop) {
+        self.stopped = why;
+        self.stopped_for_failover = why != TrackStop::Signal;
+    }
+}
+
+/// How often a final point is tried before the shutdown goes on without one.
+pub(crate) const FINAL_POINT_ATTEMPTS: u32 = 3;
 
 struct Tracked {
     disk: DiskCtx,
@@ -56,10 +84,16 @@ struct Tracked {
 }
 
 impl Syncer {
-    /// Replicates every configured disk continuously until SIGTERM.
+    /// Replicates every configured disk continuously until SIGTERM, or until the
+    /// master target's directive stops it (see [`crate::control`]).
     pub async fn track(&self) -> anyhow::Result<TrackReport> {
         let cfg = &self.config;
         let mut report = TrackReport::default();
+        let mut directives = self.start_check_ins().await;
+        if directives.current() == Action::Forget {
+            self.forget(&mut report)?;
+            return Ok(report);
+        }
         let mut disks = Vec::new();
         for d in &cfg.disks {
             let disk = self.open_disk(&d.id, &d.path).await?;
@@ -83,49 +117,93 @@ impl Syncer {
         }
         info!(disks = disks.len(), "tracking writes");
         let ship_every = Duration::from_millis(cfg.ship_interval_ms);
-        let crash_every = Duration::from_secs_f64(cfg.crash_interval_secs);
-        let app_every = Duration::from_secs_f64(cfg.app_interval_secs);
-        let mut next_crash = if can_pause {
-            Instant::now()
-        } else {
-            Instant::now() + crash_every
-        };
-        let mut next_app = Instant::now() + app_every;
+        let mut schedule = PointSchedule::new(cfg, can_pause);
         let mut shutdown = self.shutdown.clone();
-        let result = loop {
+        let result: anyhow::Result<TrackStop> = loop {
             tokio::select! {
-                _ = tokio::time::sleep(ship_every) => {}
+                _ = tokio::time::sleep(schedule.sleep(ship_every)) => {}
                 _ = shutdown.changed() => {}
+                () = directives.changed() => {}
             }
             if *self.shutdown.borrow() {
-                break Ok(());
+                break Ok(TrackStop::Signal);
+            }
+            match directives.current() {
+                Action::Continue => {}
+                Action::ShutDown => break Ok(TrackStop::ShutDown),
+                Action::Forget => break Ok(TrackStop::Forgotten),
             }
             let resyncs = report.resyncs;
             if let Err(e) = self.resync_lost(&mut disks, &mut report).await {
                 break Err(e);
             }
             if report.resyncs > resyncs && can_pause {
-                next_crash = Instant::now();
+                schedule.crash_now();
             }
-            let now = Instant::now();
-            let step = if now >= next_app {
-                next_app = now + app_every;
-                next_crash = now + crash_every;
-                self.point(&mut disks, TagKind::AppConsistent, &mut report)
+            let step = match schedule.due() {
+                Some(due) => self
+                    .point(&mut disks, due.kind, due.slot, &mut report)
                     .await
-            } else if now >= next_crash {
-                next_crash = now + crash_every;
-                self.point(&mut disks, TagKind::CrashConsistent, &mut report)
-                    .await
-            } else {
-                self.ship_dirty(&mut disks, &mut report).await
+                    .map(|_| ()),
+                None => self.ship_dirty(&mut disks, &mut report).await,
             };
             if let Err(e) = step {
                 break Err(e);
             }
         };
-        // A clean stop ships what is still dirty, then records that nothing was missed.
-        let mut clean = result.is_ok();
+        drop(directives);
+        let why = match result {
+            Ok(why) => why,
+            Err(e) => {
+                // Not clean: the next start resyncs. The loop's error is the one told.
+                let _ = self.stop_tracking(disks, &mut report, false).await;
+                return Err(e);
+            }
+        };
+        match why {
+            TrackStop::Signal => {}
+            TrackStop::Forgotten => {
+                // Nothing more is shipped: the replicas belong to the failover now.
+                for t in disks {
+                    if let Err(e) = t.tracer.stop() {
+                        warn!(disk = %t.disk.id, error = %e, "stopping the tracer");
+                    }
+                }
+                self.forget(&mut report)?;
+                return Ok(report);
+            }
+            TrackStop::ShutDown => {
+                if let Err(e) = self.final_point(&mut disks, &mut report).await {
+                    let _ = self.stop_tracking(disks, &mut report, false).await;
+                    return Err(e);
+                }
+                if let Err(e) = self.run_shutdown_hook().await {
+                    // Stopped cleanly, but the workload may still run: no shutdown is
+                    // reported.
+                    if let Err(stop) = self.stop_tracking(disks, &mut report, true).await {
+                        warn!(error = %format!("{stop:#}"), "stopping after the failed shutdown hook");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.stop_tracking(disks, &mut report, true).await?;
+        report.set_stopped(why);
+        if why == TrackStop::ShutDown {
+            report.shut_down_reported = self.report_shut_down().await;
+        }
+        Ok(report)
+    }
+
+    /// The stop after the loop: on a clean stop ships what is still dirty and, when
+    /// nothing was missed, records it in the disks' state (else the next start
+    /// resyncs); stops the tracers in every case.
+    async fn stop_tracking(
+        &self,
+        mut disks: Vec<Tracked>,
+        report: &mut TrackReport,
+        mut clean: bool,
+    ) -> anyhow::Result<()> {
         for t in &disks {
             // Everything queued before the stop must be in the last dirty sets.
             if let Err(e) = t.tracer.sync_point(Duration::from_secs(2)) {
@@ -134,7 +212,7 @@ impl Syncer {
             }
         }
         if clean {
-            if let Err(e) = self.ship_dirty(&mut disks, &mut report).await {
+            if let Err(e) = self.ship_dirty(&mut disks, report).await {
                 warn!(error = %format!("{e:#}"), "could not ship the last changes; the next start resyncs");
                 clean = false;
             }
@@ -149,7 +227,50 @@ impl Syncer {
                 set_tracking(&mut disk, false)?;
             }
         }
-        result.map(|()| report)
+        Ok(())
+    }
+
+    /// The failover's final point: a crash-consistent point taken the usual way
+    /// (pause, capture, tag), durable at the process server when this returns. A
+    /// point abandoned (pause refused, deadline) is tried again a few times; after
+    /// that the shutdown goes on without one.
+    async fn final_point(
+        &self,
+        disks: &mut [Tracked],
+        report: &mut TrackReport,
+    ) -> anyhow::Result<()> {
+        for attempt in 1..=FINAL_POINT_ATTEMPTS {
+            if let Some(id) = self
+                .point(disks, TagKind::CrashConsistent, None, report)
+                .await?
+            {
+                info!(
+                    point_id = id,
+                    "final point before the failover is durable at the process server"
+                );
+                report.final_point_id = Some(id);
+                return Ok(());
+            }
+            warn!(
+                attempt,
+                of = FINAL_POINT_ATTEMPTS,
+                "the final point was abandoned"
+            );
+        }
+        error!("no final point could be taken: the failover uses the group's previous point");
+        Ok(())
+    }
+
+    /// After a committed failover: deletes the disks' state (see
+    /// [`crate::control::forget_disk_state`]).
+    pub(crate) fn forget(&self, report: &mut TrackReport) -> anyhow::Result<()> {
+        crate::control::forget_disk_state(&self.config.state_dir, &self.config.disk_ids())?;
+        info!(
+            "failover committed at the master target: stopped replicating group {} and forgot its state",
+            self.config.group()
+        );
+        report.set_stopped(TrackStop::Forgotten);
+        Ok(())
     }
 
     /// Starts a new generation (and a scan resync) for every disk whose tracer lost
@@ -194,12 +315,16 @@ impl Syncer {
     }
 
     /// One consistency point across all disks: pause, capture, resume, ship, tag.
+    /// With `slot` (a coordinated point) the group decides, while writes are still
+    /// paused, whether the point is tagged, with `slot` as its id. Returns the id of
+    /// the point tagged, `None` when it was abandoned.
     async fn point(
         &self,
         disks: &mut [Tracked],
         kind: TagKind,
+        slot: Option<u64>,
         report: &mut TrackReport,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<u64>> {
         // Ship the bulk first so the pause only covers what changes meanwhile.
         self.ship_dirty(disks, report).await?;
         let deadline = Duration::from_secs_f64(self.config.pause_deadline_secs);
@@ -230,10 +355,19 @@ impl Syncer {
                 }
                 warn!(error = %e, "consistency point abandoned: cannot pause writes");
                 report.points_abandoned += 1;
-                return Ok(());
+                return Ok(None);
             }
         };
+        let cut_ms = now_ms();
         let captured = self.capture(disks, deadline).await;
+        // Phase one of a coordinated point, still paused: every disk of the group
+        // must be paused at the same id before any of them is tagged.
+        let decision = match slot {
+            Some(id) if captured.is_ok() && !guard.deadline_hit() => {
+                Some(self.prepare_point(id, kind).await)
+            }
+            _ => None,
+        };
         guard.thaw();
         let held = paused.elapsed();
         let deadline_hit = guard.deadline_hit();
@@ -256,28 +390,43 @@ impl Syncer {
                 for (t, frames) in disks.iter_mut().zip(c) {
                     self.ship(&mut t.disk, frames, report).await?;
                 }
-                return Ok(());
+                return Ok(None);
             }
             Err(e) => {
                 warn!(error = %format!("{e:#}"), "consistency point abandoned");
                 report.points_abandoned += 1;
-                return Ok(());
+                return Ok(None);
             }
         };
         report.pauses_ms.push(held.as_secs_f64() * 1000.0);
-        let point_id = now_ms();
+        if let Some(crate::control::Decision::Abandon(reason)) = decision {
+            warn!(?kind, point_id = ?slot, %reason, "the group did not commit the point: resumed without a tag");
+            report.points_abandoned += 1;
+            for (t, frames) in disks.iter_mut().zip(captured) {
+                self.ship(&mut t.disk, frames, report).await?;
+            }
+            return Ok(None);
+        }
+        let (point_id, time_ms) = match slot {
+            Some(id) => (id, cut_ms),
+            None => {
+                let id = now_ms();
+                (id, id)
+            }
+        };
         for (t, frames) in disks.iter_mut().zip(captured) {
             self.ship(&mut t.disk, frames, report).await?;
-            self.tag(&mut t.disk, kind, point_id, point_id).await?;
+            self.tag(&mut t.disk, kind, point_id, time_ms).await?;
         }
         report.points += 1;
         info!(
             ?kind,
             point_id,
+            coordinated = slot.is_some(),
             pause_ms = held.as_millis(),
             "consistency point tagged"
         );
-        Ok(())
+        Ok(Some(point_id))
     }
 
     /// While paused: wait for the tracers to read everything queued, take the dirty

@@ -9,6 +9,14 @@
 //! When the journal is full the disk is in bitmap mode: the journal is shipped first
 //! (it holds the older writes), then the dirty blocks' current content; no
 //! crash-consistent tag is emitted until the bitmap is drained and acknowledged.
+//!
+//! The master target's directives ([`crate::control`]) end the loop: a failover's
+//! shutdown appends one final tag and ships the journals up to it before the shutdown
+//! hook, then stops as on SIGTERM (unmount, ship the rest); a committed failover
+//! unmounts and forgets the disks' state, journal and bitmap included. A coordinated
+//! point holds the writes (the capture locks, the same write-order lock a tag is
+//! appended under) while the group decides, and appends its tag before letting them
+//! go, only on commit.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -17,17 +25,18 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context as _};
 use boomerang_common::config::now_ms;
 use boomerang_common::delta::ExtentEncoder;
-use boomerang_common::message::TagKind;
+use boomerang_common::message::{Action, TagKind};
 use boomerang_common::{ChunkHash, Extent};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::control::{Decision, DuePoint, PointSchedule, TrackStop, DECISION_MARGIN};
 use crate::freeze::FreezeGuard;
 use crate::intercept::{lock_capture, Capture, Intercept, InterceptOptions, ServedDisk};
 use crate::journal::{CaptureState, DirtyBitmap, Entry, Journal, Mode};
 use crate::source::ChangeSource;
 use crate::sync::{DiskCtx, Syncer};
 use crate::trace::DirtySnapshot;
-use crate::track::TrackReport;
+use crate::track::{TrackReport, FINAL_POINT_ATTEMPTS};
 
 /// Most journal bytes read per shipping step (the capture lock is held while reading).
 const READ_BUDGET: u64 = 16 << 20;
@@ -56,6 +65,11 @@ impl Syncer {
             )
         })?;
         let mut report = TrackReport::default();
+        let mut directives = self.start_check_ins().await;
+        if directives.current() == Action::Forget {
+            self.forget(&mut report)?;
+            return Ok(report);
+        }
         let mut served = Vec::new();
         for d in &cfg.disks {
             let disk = self.open_disk(&d.id, &d.path).await?;
@@ -139,43 +153,80 @@ impl Syncer {
             }
         }
         let ship_every = Duration::from_millis(cfg.ship_interval_ms);
-        let crash_every = Duration::from_secs_f64(cfg.crash_interval_secs);
-        let app_every = Duration::from_secs_f64(cfg.app_interval_secs);
         // The first tick tags a crash-consistent cut: the replica is consistent only
         // once the writes made during the scan are shipped (the scan has no tag).
-        let mut next_crash = Instant::now();
-        let mut next_app = Instant::now() + app_every;
+        // Coordinated points wait for the group's next slot instead.
+        let mut schedule = PointSchedule::new(cfg, true);
         let mut shutdown = self.shutdown.clone();
-        let result: anyhow::Result<()> = loop {
+        let mut hook_failed = false;
+        let mut result: anyhow::Result<TrackStop> = loop {
             tokio::select! {
-                _ = tokio::time::sleep(ship_every) => {}
+                _ = tokio::time::sleep(schedule.sleep(ship_every)) => {}
                 _ = shutdown.changed() => {}
+                () = directives.changed() => {}
             }
             if *self.shutdown.borrow() {
-                break Ok(());
+                break Ok(TrackStop::Signal);
             }
-            let now = Instant::now();
-            if now >= next_app {
-                next_app = now + app_every;
-                next_crash = now + crash_every;
-                if let Err(e) = self.journal_point(&mut served, TagKind::AppConsistent, &mut report)
-                {
-                    warn!(error = %format!("{e:#}"), "app-consistent point abandoned");
-                    report.points_abandoned += 1;
+            match directives.current() {
+                Action::Continue => {}
+                Action::ShutDown => break Ok(TrackStop::ShutDown),
+                Action::Forget => break Ok(TrackStop::Forgotten),
+            }
+            match schedule.due() {
+                Some(DuePoint {
+                    kind,
+                    slot: Some(point_id),
+                }) => {
+                    self.coordinated_journal_point(&served, kind, point_id, &mut report)
+                        .await
                 }
-            } else if now >= next_crash {
-                next_crash = now + crash_every;
-                if let Err(e) =
-                    self.journal_point(&mut served, TagKind::CrashConsistent, &mut report)
-                {
-                    warn!(error = %format!("{e:#}"), "crash-consistent point skipped");
-                    report.points_abandoned += 1;
+                Some(DuePoint { kind, slot: None }) => {
+                    if let Err(e) = self.journal_point(&mut served, kind, &mut report) {
+                        if kind == TagKind::AppConsistent {
+                            warn!(error = %format!("{e:#}"), "app-consistent point abandoned");
+                        } else {
+                            warn!(error = %format!("{e:#}"), "crash-consistent point skipped");
+                        }
+                        report.points_abandoned += 1;
+                    }
                 }
+                None => {}
             }
             if let Err(e) = self.ship_journals(&mut served, &mut report).await {
                 break Err(e);
             }
         };
+        drop(directives);
+        match result {
+            Ok(TrackStop::Forgotten) => {
+                // Nothing more is shipped: the replicas belong to the failover now.
+                for s in &mut served {
+                    if let Some(i) = s.intercept.take() {
+                        if let Err(e) = i.stop() {
+                            warn!(disk = %s.disk.id, error = %e, "unmounting the served disk");
+                        }
+                    }
+                }
+                // Closes the journals before their files go.
+                drop(served);
+                self.forget(&mut report)?;
+                return Ok(report);
+            }
+            Ok(TrackStop::ShutDown) => {
+                // The workload still writes until the hook stops it: the served disks
+                // stay mounted until then.
+                if let Err(e) = self.final_journal_point(&mut served, &mut report).await {
+                    result = Err(e);
+                } else if let Err(e) = self.run_shutdown_hook().await {
+                    // Stopped cleanly, but the workload may still run: no shutdown
+                    // is reported.
+                    result = Err(e);
+                    hook_failed = true;
+                }
+            }
+            _ => {}
+        }
         // Stop serving first (no more writes), then ship what is left.
         for s in &mut served {
             if let Some(i) = s.intercept.take() {
@@ -184,7 +235,8 @@ impl Syncer {
                 }
             }
         }
-        let clean = result.is_ok() && self.ship_journals(&mut served, &mut report).await.is_ok();
+        let clean = (result.is_ok() || hook_failed)
+            && self.ship_journals(&mut served, &mut report).await.is_ok();
         for s in &mut served {
             let cap = lock_capture(&s.capture);
             let trusted = cap.resync_reason().is_none();
@@ -197,32 +249,41 @@ impl Syncer {
                 set_tracking(&mut s.disk, false)?;
             }
         }
-        result.map(|()| report)
+        let why = result?;
+        report.set_stopped(why);
+        if why == TrackStop::ShutDown {
+            report.shut_down_reported = self.report_shut_down().await;
+        }
+        Ok(report)
     }
 
-    /// Appends a tag to every disk's journal, between two writes. App-consistent
-    /// points freeze the configured mounts around the append.
+    /// The application quiesce of an app-consistent point (freeze mounts and hooks),
+    /// when there is one to do.
+    fn quiesce(&self, kind: TagKind) -> anyhow::Result<Option<FreezeGuard>> {
+        let hooks = self.config.hooks();
+        let quiesce = !self.config.freeze.is_empty() || hooks.freeze.is_some();
+        if kind != TagKind::AppConsistent || !quiesce {
+            return Ok(None);
+        }
+        FreezeGuard::freeze_with_hooks(
+            &self.config.freeze,
+            &hooks,
+            Duration::from_secs_f64(self.config.pause_deadline_secs),
+        )
+        .map(Some)
+        .map_err(anyhow::Error::msg)
+    }
+
+    /// Appends a tag to every disk's journal, between two writes; returns its point
+    /// id. App-consistent points freeze the configured mounts around the append.
     fn journal_point(
         &self,
         served: &mut [Served],
         kind: TagKind,
         report: &mut TrackReport,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u64> {
         let paused = Instant::now();
-        let hooks = self.config.hooks();
-        let quiesce = !self.config.freeze.is_empty() || hooks.freeze.is_some();
-        let guard = if kind == TagKind::AppConsistent && quiesce {
-            Some(
-                FreezeGuard::freeze_with_hooks(
-                    &self.config.freeze,
-                    &hooks,
-                    Duration::from_secs_f64(self.config.pause_deadline_secs),
-                )
-                .map_err(anyhow::Error::msg)?,
-            )
-        } else {
-            None
-        };
+        let guard = self.quiesce(kind)?;
         let point_id = now_ms();
         let mut result = Ok(());
         for s in served.iter() {
@@ -249,7 +310,135 @@ impl Syncer {
         }
         result?;
         report.points += 1;
+        Ok(point_id)
+    }
+
+    /// The failover's final point: a tag in every journal, shipped until the process
+    /// server holds every record up to it. A disk in bitmap mode cannot take a tag
+    /// until it caught up: shipping and trying again a few times, then the shutdown
+    /// goes on without a final point.
+    async fn final_journal_point(
+        &self,
+        served: &mut [Served],
+        report: &mut TrackReport,
+    ) -> anyhow::Result<()> {
+        for attempt in 1..=FINAL_POINT_ATTEMPTS {
+            match self.journal_point(served, TagKind::CrashConsistent, report) {
+                Ok(id) => {
+                    self.ship_journals(served, report).await?;
+                    info!(
+                        point_id = id,
+                        "final point before the failover is durable at the process server"
+                    );
+                    report.final_point_id = Some(id);
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(attempt, of = FINAL_POINT_ATTEMPTS, error = %format!("{e:#}"), "the final point could not be taken yet");
+                    self.ship_journals(served, report).await?;
+                }
+            }
+        }
+        error!("no final point could be taken: the failover uses the group's previous point");
         Ok(())
+    }
+
+    /// A coordinated point: the writes of every served disk are held while the group
+    /// decides, and the tags with the group's `point_id` are appended before they go
+    /// on, only on commit. Abandoned points are counted and logged; the writes are
+    /// journaled and shipped either way.
+    async fn coordinated_journal_point(
+        &self,
+        served: &[Served],
+        kind: TagKind,
+        point_id: u64,
+        report: &mut TrackReport,
+    ) {
+        let paused = Instant::now();
+        let guard = match self.quiesce(kind) {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(?kind, point_id, error = %format!("{e:#}"), "coordinated point abandoned: cannot quiesce");
+                report.points_abandoned += 1;
+                return;
+            }
+        };
+        let result = self
+            .hold_and_decide(served, kind, point_id, guard.as_ref())
+            .await;
+        if let Some(g) = guard {
+            g.thaw();
+        }
+        let held = paused.elapsed();
+        report.pauses_ms.push(held.as_secs_f64() * 1000.0);
+        match result {
+            Ok(()) => {
+                report.points += 1;
+                info!(
+                    ?kind,
+                    point_id,
+                    pause_ms = held.as_millis(),
+                    "coordinated point tagged"
+                );
+            }
+            Err(reason) => {
+                warn!(?kind, point_id, %reason, "coordinated point abandoned: resumed without a tag");
+                report.points_abandoned += 1;
+            }
+        }
+    }
+
+    /// Holds the writes (see [`hold_writes`]), asks the group, and has the tags
+    /// appended on commit; the hold ends in every case.
+    async fn hold_and_decide(
+        &self,
+        served: &[Served],
+        kind: TagKind,
+        point_id: u64,
+        quiesced: Option<&FreezeGuard>,
+    ) -> Result<(), String> {
+        let wait = Duration::from_millis(self.config.point_deadline_ms);
+        let bound = wait + 2 * DECISION_MARGIN;
+        let captures: Vec<(String, Arc<Mutex<Capture>>)> = served
+            .iter()
+            .map(|s| (s.disk.id.clone(), s.capture.clone()))
+            .collect();
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+        let (decide_tx, decide_rx) = std::sync::mpsc::channel();
+        let holder = tokio::task::spawn_blocking(move || {
+            hold_writes(&captures, kind, point_id, bound, held_tx, &decide_rx)
+        });
+        let outcome = async {
+            match tokio::time::timeout(wait, held_rx).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => return Err(e),
+                Ok(Err(_)) => return Err("the write hold ended early".to_string()),
+                Err(_) => {
+                    return Err(format!(
+                        "writes could not be held within {} ms",
+                        wait.as_millis()
+                    ))
+                }
+            }
+            match self.prepare_point(point_id, kind).await {
+                Decision::Commit if quiesced.is_some_and(FreezeGuard::deadline_hit) => {
+                    Err("the pause deadline passed before the group committed".to_string())
+                }
+                Decision::Commit => decide_tx
+                    .send(())
+                    .map_err(|_| "the write hold ended before the group committed".to_string()),
+                Decision::Abandon(reason) => Err(format!("the group did not commit: {reason}")),
+            }
+        }
+        .await;
+        // Ends the hold at once if it still waits.
+        drop(decide_tx);
+        let appended = match tokio::time::timeout(bound, holder).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(format!("the write hold thread failed: {e}")),
+            Err(_) => Err("the write hold thread is stuck taking a capture lock".to_string()),
+        };
+        outcome.and(appended)
     }
 
     /// Ships every disk's journal (then, in bitmap mode, its dirty blocks).
@@ -363,6 +552,53 @@ impl Syncer {
         .await
         .map_err(|e| anyhow!("encoder thread failed: {e}"))?
     }
+}
+
+/// Holds the writes of every disk of `captures` by taking their capture locks (in
+/// order; nobody else ever holds two), then says so on `held` and waits for the
+/// decision on `decided`, at most `bound`: on commit appends the tag, cut at the time
+/// the writes were held, to every journal before letting go. Runs on a blocking
+/// thread; a dropped `decided` (abandoned) ends the hold at once. Returns whether
+/// every tag was appended.
+fn hold_writes(
+    captures: &[(String, Arc<Mutex<Capture>>)],
+    kind: TagKind,
+    point_id: u64,
+    bound: Duration,
+    held: tokio::sync::oneshot::Sender<Result<(), String>>,
+    decided: &std::sync::mpsc::Receiver<()>,
+) -> Result<(), String> {
+    let mut locked = Vec::with_capacity(captures.len());
+    for (disk, capture) in captures {
+        let cap = lock_capture(capture);
+        if !cap.state.crash_consistent_tags_allowed() {
+            let why =
+                format!("disk {disk} is in bitmap mode (write order lost until it catches up)");
+            let _ = held.send(Err(why.clone()));
+            return Err(why);
+        }
+        locked.push((disk, cap));
+    }
+    let cut_ms = now_ms();
+    if held.send(Ok(())).is_err() {
+        return Err("abandoned before the writes were held".into());
+    }
+    match decided.recv_timeout(bound) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            return Err(format!(
+                "no decision within {} ms: writes resumed",
+                bound.as_millis()
+            ))
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err("abandoned".into()),
+    }
+    for (disk, cap) in &mut locked {
+        cap.journal
+            .append_tag(disk, kind, point_id, cut_ms)
+            .map_err(|e| format!("disk {disk}: cannot journal the tag: {e}"))?;
+    }
+    Ok(())
 }
 
 fn set_tracking(disk: &mut DiskCtx, on: bool) -> anyhow::Result<()> {

@@ -39,7 +39,9 @@ impl MasterLink {
             .map_err(|e| format!("master target {} unreachable: {e}", self.dialer.addr()))
     }
 
-    /// Relays a control request (disk announcement, manifest) and returns the answer.
+    /// Relays a request for the master target (disk announcement, manifest, group
+    /// check-in, point prepare) and returns its answer, however long it takes (a
+    /// point prepare is answered at its deadline at the latest).
     pub async fn relay(&self, msg: &Message) -> Message {
         match self.connection().await {
             Ok(c) => match transport::request(&c, msg).await {

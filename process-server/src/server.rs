@@ -1,6 +1,7 @@
 //! The process server's agent side: accepts agents (and nobody else), spools their
-//! batches and tags durably before acknowledging, and relays their control requests
-//! to the master target.
+//! batches and tags durably before acknowledging, and relays their requests for the
+//! master target (disk announcements, manifests, group check-ins and point
+//! barriers) to it, answering with its answer.
 
 use anyhow::Context as _;
 use boomerang_common::config::Shutdown;
@@ -80,7 +81,12 @@ async fn handle(spool: &Spool, link: &MasterLink, msg: Message, frame: bytes::By
             }
             other => other,
         },
-        Message::ManifestRequest { .. } => link.relay(&msg).await,
+        // Answered by the master target alone and never spooled: a check-in or a
+        // point barrier is only worth its answer now. A PointPrepare's answer may take
+        // until its deadline; the relay waits for it like for any other answer.
+        Message::ManifestRequest { .. }
+        | Message::Control { .. }
+        | Message::PointPrepare { .. } => link.relay(&msg).await,
         other => Message::error(
             ErrorCode::BadRequest,
             format!(
