@@ -136,9 +136,12 @@ enum Command {
         /// The process server that carries the data to the other site (ADDR:PORT).
         #[arg(long)]
         process_server: String,
-        /// Name of the agent that will run here (its certificate's name).
+        /// Name of the agent for disks no agent was seen replicating.
         #[arg(long, default_value = "agent")]
         agent_name: String,
+        /// Print the result (the agent configurations written) as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Take a failed-back group back as a replication target (once the other site has
     /// failed it over again).
@@ -348,13 +351,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             group,
             process_server,
             agent_name,
+            json,
         } => {
             let request = Request::Reprotect {
                 group,
                 process_server,
                 agent_name,
             };
-            control::call(&dirs.state_dir, &request, false)?;
+            print_result(control::call(&dirs.state_dir, &request, json)?, json);
             Ok(())
         }
         Command::Protect { dirs, group } => {

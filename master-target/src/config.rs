@@ -32,6 +32,9 @@ pub struct MtConfig {
     pub retention_dir: Option<PathBuf>,
     /// Which recovery points to keep. Default: see [`RetentionPolicy`].
     pub retention: RetentionPolicy,
+    /// Retention journal segment size in MiB: pruning frees whole segments.
+    /// Default: 64.
+    pub journal_segment_mib: u64,
     /// How often the retention policy is applied, in seconds. Default: 10.
     pub prune_interval_secs: u64,
     /// How long `failover --point latest` waits for the group's agents to ship what
@@ -49,6 +52,7 @@ impl Default for MtConfig {
             replicas: BTreeMap::new(),
             retention_dir: None,
             retention: RetentionPolicy::default(),
+            journal_segment_mib: 64,
             prune_interval_secs: 10,
             drain_timeout_secs: 120,
         }
@@ -69,8 +73,11 @@ impl MtConfig {
         self.retention
             .validate()
             .map_err(|e| format!("retention: {e}"))?;
-        if self.prune_interval_secs == 0 || self.drain_timeout_secs == 0 {
-            return Err("prune_interval_secs and drain_timeout_secs must be at least 1".into());
+        if self.prune_interval_secs == 0
+            || self.drain_timeout_secs == 0
+            || self.journal_segment_mib == 0
+        {
+            return Err("prune_interval_secs, drain_timeout_secs and journal_segment_mib must be at least 1".into());
         }
         Ok(())
     }

@@ -206,10 +206,10 @@ async fn run(
             process_server,
             agent_name,
         } => {
-            let path = site
+            let paths = site
                 .reprotect(&group, &process_server, &agent_name, ev)
                 .await?;
-            serde_json::json!({ "group": group, "state": "reprotecting", "agent_config": path })
+            serde_json::json!({ "group": group, "state": "reprotecting", "agent_configs": paths })
         }
         Request::Protect { group } => {
             site.protect(&group, ev).await?;

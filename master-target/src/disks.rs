@@ -46,6 +46,7 @@ pub enum DisksError {
 pub struct Disks {
     state_dir: PathBuf,
     retention_dir: PathBuf,
+    segment_bytes: u64,
     overrides: BTreeMap<String, PathBuf>,
     disks: Mutex<HashMap<String, Arc<Disk>>>,
 }
@@ -90,6 +91,7 @@ impl Disks {
     pub fn open(
         state_dir: &Path,
         retention_dir: &Path,
+        segment_bytes: u64,
         overrides: BTreeMap<String, PathBuf>,
     ) -> Result<Self, DisksError> {
         for d in [
@@ -107,6 +109,7 @@ impl Disks {
         let disks = Disks {
             state_dir: state_dir.to_path_buf(),
             retention_dir: retention_dir.to_path_buf(),
+            segment_bytes,
             overrides,
             disks: Mutex::new(HashMap::new()),
         };
@@ -130,7 +133,9 @@ impl Disks {
 
     fn open_journal(&self, disk: &str) -> Result<UndoJournal, DisksError> {
         let dir = self.retention_dir.join(disk);
-        UndoJournal::open(&dir).map_err(|e| DisksError::Storage {
+        UndoJournal::open(&dir)
+            .map(|j| j.with_segment_bytes(self.segment_bytes))
+            .map_err(|e| DisksError::Storage {
             what: "open retention journal",
             path: dir,
             reason: e.to_string(),

@@ -181,6 +181,7 @@ impl Site {
         }
         let disks = self.group_disks(group)?;
         check_targets(group, &disks, &targets)?;
+        self.groups.remember_members(group)?;
         if choice == PointChoice::Latest {
             self.drain(group, &disks, ev).await?;
         }
@@ -580,54 +581,68 @@ impl Site {
         Ok(())
     }
 
-    /// `reprotect`: writes the configuration of the agent that replicates the
-    /// failed-back disks to `process_server`, and marks the group reprotecting.
+    /// `reprotect`: writes the configuration of the agents that replicate the
+    /// failed-back disks to `process_server` (one per machine that replicated the
+    /// group, as last seen; `agent_name` for disks no agent was seen for), and marks
+    /// the group reprotecting.
     pub async fn reprotect(
         &self,
         group: &str,
         process_server: &str,
         agent_name: &str,
         ev: &Events,
-    ) -> anyhow::Result<PathBuf> {
+    ) -> anyhow::Result<Vec<PathBuf>> {
         let _one = self.groups.action_lock.lock().await;
         let rec = self.groups.record(group);
         if !matches!(rec.state, GroupState::FailedBack | GroupState::Reprotecting) {
-            bail!(
-                "group {group} is {}: only a committed failover can be reprotected",
-                state_name(rec.state)
-            );
+            bail!("group {group} is {}: only a committed failover can be reprotected", state_name(rec.state));
         }
         let ps: std::net::SocketAddr = process_server.parse().with_context(|| {
             format!("--process-server {process_server:?} is not an address such as 192.0.2.7:7600")
         })?;
-        let mut cfg = String::new();
-        cfg.push_str(&format!(
-            "# Written by `boomerang-mt reprotect --group {group}`: the failed-back disks of\n# group {group} are the source now; run `boomerang-agent track --config <this file>`.\nname = \"{agent_name}\"\ngroup = \"{group}\"\nprocess_server = \"{ps}\"\n"
-        ));
-        for d in self.group_disks(group)? {
-            let r = d.durable_record();
-            cfg.push_str(&format!(
-                "\n[[disks]]\nid = \"{}\"\npath = \"{}\"\n",
-                r.disk,
-                r.replica.display()
-            ));
+        let disks = self.group_disks(group)?;
+        let mut machines: BTreeMap<String, Vec<Arc<Disk>>> = BTreeMap::new();
+        for d in &disks {
+            let agent = rec
+                .agents
+                .iter()
+                .find(|(_, ds)| ds.iter().any(|x| x == d.id()))
+                .map_or(agent_name, |(a, _)| a.as_str());
+            machines.entry(agent.to_string()).or_default().push(d.clone());
         }
         let dir = self.disks.state_dir().join("reprotect");
         boomerang_common::durable::create_dir_durable(&dir)
             .map_err(|e| anyhow!("create {}: {e}", dir.display()))?;
-        let path = dir.join(format!("{group}.toml"));
-        boomerang_common::durable::write_atomic(&path, cfg.as_bytes(), 0o644)
-            .map_err(|e| anyhow!("write {}: {e}", path.display()))?;
+        let coordinated = machines.len() > 1;
+        let mut paths = Vec::new();
+        for (agent, ds) in &machines {
+            let mut cfg = format!(
+                "# Written by `boomerang-mt reprotect --group {group}`: the failed-back disks\n# of group {group} on this machine are the source now; run\n# `boomerang-agent track --config <this file>` here.\nname = \"{agent}\"\ngroup = \"{group}\"\nprocess_server = \"{ps}\"\ncoordinated_points = {coordinated}\n"
+            );
+            for d in ds {
+                let r = d.durable_record();
+                cfg.push_str(&format!(
+                    "\n[[disks]]\nid = \"{}\"\npath = \"{}\"\n",
+                    r.disk,
+                    r.replica.display()
+                ));
+            }
+            let path = dir.join(format!("{group}-{agent}.toml"));
+            boomerang_common::durable::write_atomic(&path, cfg.as_bytes(), 0o644)
+                .map_err(|e| anyhow!("write {}: {e}", path.display()))?;
+            say(ev, format!("agent {agent}: configuration {} for disks {}", path.display(), ds.iter().map(|d| d.id()).collect::<Vec<_>>().join(", ")));
+            paths.push(path);
+        }
         self.groups.update(group, |r| {
             r.state = GroupState::Reprotecting;
             r.reprotect = Some(Reprotect {
                 process_server: ps.to_string(),
-                agent_config: path.clone(),
+                agent_configs: paths.clone(),
                 started_ms: now_ms(),
             });
         })?;
-        say(ev, format!("group {group}: reprotecting to {ps}; the agent configuration is {}: start `boomerang-agent track --config {}` on this site (the first sync compares chunk hashes with the other site's disks and moves only what differs)", path.display(), path.display()));
-        Ok(path)
+        say(ev, format!("group {group}: reprotecting to {ps}: on each machine run `boomerang-agent track --config <its file>` (add --pki-dir and --state-dir); the first sync compares chunk hashes with the other site's disks and moves only what differs"));
+        Ok(paths)
     }
 
     /// `protect`: takes a failed-back group back as a replication target (after the

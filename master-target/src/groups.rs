@@ -74,8 +74,8 @@ pub struct TestTarget {
 pub struct Reprotect {
     /// The process server the on-premises agent ships to.
     pub process_server: String,
-    /// The agent configuration written for it.
-    pub agent_config: PathBuf,
+    /// The agent configurations written for it, one per machine.
+    pub agent_configs: Vec<PathBuf>,
     /// When (ms since epoch).
     pub started_ms: u64,
 }
@@ -94,6 +94,10 @@ pub struct GroupRecord {
     pub test_targets: Vec<TestTarget>,
     /// Reverse replication, once set up.
     pub reprotect: Option<Reprotect>,
+    /// The agents that replicated the group, with their disks, as last seen: reprotect
+    /// writes one agent configuration per machine.
+    #[serde(default)]
+    pub agents: BTreeMap<String, Vec<String>>,
     /// The last operator action that failed, and why.
     pub last_error: Option<String>,
 }
@@ -106,6 +110,7 @@ impl GroupRecord {
             failover: None,
             test_targets: Vec::new(),
             reprotect: None,
+            agents: BTreeMap::new(),
             last_error: None,
         }
     }
@@ -226,6 +231,21 @@ impl Groups {
             _ if g.shutdown_requested_ms.is_some() => Action::ShutDown,
             _ => Action::Continue,
         }
+    }
+
+    /// Remembers the agents of `group` that checked in (their disks) in its record.
+    pub fn remember_members(&self, group: &str) -> anyhow::Result<()> {
+        let members = self.members(group);
+        if members.is_empty() {
+            return Ok(());
+        }
+        self.update(group, |r| {
+            r.agents = members
+                .into_iter()
+                .map(|(agent, m)| (agent, m.disks))
+                .collect();
+        })?;
+        Ok(())
     }
 
     /// The agents that checked in for `group`.

@@ -42,8 +42,9 @@ const VERSION: u8 = 1;
 pub const HEADER: usize = 40;
 /// Largest raw range one record holds; the apply path splits larger writes.
 pub const MAX_RECORD: usize = 4 << 20;
-/// A segment is closed and a new one begun once it passes this size.
-const SEGMENT_BYTES: u64 = 64 << 20;
+/// A segment is closed and a new one begun once it passes this size (by default):
+/// pruning frees whole segments.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
 
 const CODEC_RAW: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
@@ -99,6 +100,7 @@ pub struct UndoJournal {
     current: File,
     unsynced: bool,
     pins: usize,
+    segment_bytes: u64,
 }
 
 /// One decoded record header.
@@ -260,7 +262,14 @@ impl UndoJournal {
             current,
             unsynced: false,
             pins: 0,
+            segment_bytes: SEGMENT_BYTES,
         })
+    }
+
+    /// Sets the size past which a new segment begins.
+    pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
+        self.segment_bytes = bytes.max(1);
+        self
     }
 
     /// The lsn the next record will get: a cut taken now is at this lsn.
@@ -292,7 +301,7 @@ impl UndoJournal {
         compressor: &mut zstd::bulk::Compressor<'_>,
     ) -> Result<(), RetentionError> {
         debug_assert!(!before.is_empty() && before.len() <= MAX_RECORD);
-        if self.segments.last().is_some_and(|s| s.len >= SEGMENT_BYTES) {
+        if self.segments.last().is_some_and(|s| s.len >= self.segment_bytes) {
             self.roll()?;
         }
         let lsn = self.end_lsn();

@@ -29,6 +29,7 @@ pub async fn run(config: MtConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         Disks::open(
             &config.state_dir,
             &config.retention_dir(),
+            config.journal_segment_mib << 20,
             config.replicas.clone(),
         )
         .context("opening the state directory")?,
