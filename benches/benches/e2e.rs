@@ -34,6 +34,14 @@ struct Run {
     loop_mbps: f64,
     rsync_delta_secs: Option<f64>,
     rsync_same_secs: Option<f64>,
+    /// The same kind of 10 % delta once a recovery point exists (before-images go to
+    /// the retention journal first).
+    retained_delta_secs: f64,
+    journal_bytes: u64,
+    /// `test-failover` of the point before that delta into a new image file.
+    materialize_secs: f64,
+    /// Reference: `cp --sparse=always` of the replica plus `sync`, same run.
+    copy_secs: f64,
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -70,8 +78,10 @@ fn plain_loop(path: &Path) -> f64 {
 }
 
 /// Runs an agent sync, returning its report and its peak RSS (from wait4).
-fn timed_sync(cluster: &Cluster, image: &Path) -> (SyncReport, u64) {
-    let args = cluster.agent1().disk("d0", image);
+fn timed_sync(cluster: &Cluster, image: &Path, extra: &[&str]) -> (SyncReport, u64) {
+    let mut args = cluster.agent1().disk("d0", image).group("bench");
+    args.extra
+        .extend(extra.iter().map(std::ffi::OsString::from));
     let mut cmd = cluster.agent_command(&args);
     // Reaped below with wait4, which also reports the child's peak RSS.
     #[allow(clippy::zombie_processes)]
@@ -151,15 +161,15 @@ fn one_run(size: u64, seed: u64) -> Run {
         rsync_push(&image, *port); // seed the rsync destination with the same image
     }
 
-    let (full, rss1) = timed_sync(&cluster, &image);
+    let (full, rss1) = timed_sync(&cluster, &image, &[]);
     run.full_mbps = size as f64 / full.seconds / 1e6;
     run.full_wire = full.wire_tx_bytes;
-    let (same, rss2) = timed_sync(&cluster, &image);
+    let (same, rss2) = timed_sync(&cluster, &image, &[]);
     run.same_mbps = size as f64 / same.seconds / 1e6;
     run.same_wire = same.wire_tx_bytes;
 
     change_chunks(&image, CHUNK as u64, 0.10, seed);
-    let (delta, rss3) = timed_sync(&cluster, &image);
+    let (delta, rss3) = timed_sync(&cluster, &image, &[]);
     run.delta_secs = delta.seconds;
     run.delta_mbps = size as f64 / delta.seconds / 1e6;
     run.delta_wire = delta.wire_tx_bytes;
@@ -176,6 +186,42 @@ fn one_run(size: u64, seed: u64) -> Run {
         files_equal(&image, &replica),
         "replica differs from the source"
     );
+
+    // Retention: a point, the same kind of delta journaled, then the point given back.
+    const POINT: [&str; 4] = ["--freeze-hook", "true", "--thaw-hook", "true"];
+    timed_sync(&cluster, &image, &POINT);
+    let at_point = boomerang_tests::sha256_file(&image);
+    let point = cluster.mt_points("bench").last().expect("a point").id;
+    change_chunks(&image, CHUNK as u64, 0.10, seed + 7);
+    let (retained, _) = timed_sync(&cluster, &image, &POINT);
+    run.retained_delta_secs = retained.seconds;
+    run.journal_bytes = cluster.mt_status().raw["groups"][0]["journal_bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    let target = cluster.root().join("point.img");
+    let started = std::time::Instant::now();
+    cluster.mt_op(
+        "test-failover",
+        "bench",
+        &boomerang_tests::cli::point_to_args(&point.to_string(), &[("d0".into(), target.clone())]),
+    );
+    run.materialize_secs = started.elapsed().as_secs_f64();
+    assert_eq!(
+        boomerang_tests::sha256_file(&target),
+        at_point,
+        "the point's bytes"
+    );
+    let copy = cluster.root().join("copy.img");
+    let started = std::time::Instant::now();
+    let ok = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&replica)
+        .arg(&copy)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("sync").status().is_ok_and(|s| s.success());
+    assert!(ok, "cp of the replica failed");
+    run.copy_secs = started.elapsed().as_secs_f64();
     let mut cluster = cluster;
     run.ps_rss_kib = cluster.ps().peak_rss_kib().unwrap_or(0);
     run.mt_rss_kib = cluster.mt().peak_rss_kib().unwrap_or(0);
@@ -238,6 +284,18 @@ fn main() {
     } else {
         println!("  rsync not installed: apt-get install rsync for the reference");
     }
+    println!(
+        "  10 % delta with a point to keep: {:.2} s ({:.2} s without), journal {:.1} MiB",
+        m(|r| r.retained_delta_secs),
+        m(|r| r.delta_secs),
+        mib(m(|r| r.journal_bytes as f64))
+    );
+    println!(
+        "  test-failover of that point: {:.2} s = {:.0} MB/s (copy, rewind, verify); reference cp --sparse + sync of the replica {:.2} s",
+        m(|r| r.materialize_secs),
+        size as f64 / m(|r| r.materialize_secs) / 1e6,
+        m(|r| r.copy_secs)
+    );
     println!(
         "  peak RSS: agent {:.0} MiB, process server {:.0} MiB, master target {:.0} MiB",
         m(|r| r.agent_rss_kib as f64) / 1024.0,

@@ -136,10 +136,10 @@ impl Disks {
         UndoJournal::open(&dir)
             .map(|j| j.with_segment_bytes(self.segment_bytes))
             .map_err(|e| DisksError::Storage {
-            what: "open retention journal",
-            path: dir,
-            reason: e.to_string(),
-        })
+                what: "open retention journal",
+                path: dir,
+                reason: e.to_string(),
+            })
     }
 
     /// Every disk, sorted by id.

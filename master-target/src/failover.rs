@@ -595,7 +595,10 @@ impl Site {
         let _one = self.groups.action_lock.lock().await;
         let rec = self.groups.record(group);
         if !matches!(rec.state, GroupState::FailedBack | GroupState::Reprotecting) {
-            bail!("group {group} is {}: only a committed failover can be reprotected", state_name(rec.state));
+            bail!(
+                "group {group} is {}: only a committed failover can be reprotected",
+                state_name(rec.state)
+            );
         }
         let ps: std::net::SocketAddr = process_server.parse().with_context(|| {
             format!("--process-server {process_server:?} is not an address such as 192.0.2.7:7600")
@@ -608,7 +611,10 @@ impl Site {
                 .iter()
                 .find(|(_, ds)| ds.iter().any(|x| x == d.id()))
                 .map_or(agent_name, |(a, _)| a.as_str());
-            machines.entry(agent.to_string()).or_default().push(d.clone());
+            machines
+                .entry(agent.to_string())
+                .or_default()
+                .push(d.clone());
         }
         let dir = self.disks.state_dir().join("reprotect");
         boomerang_common::durable::create_dir_durable(&dir)
@@ -630,7 +636,14 @@ impl Site {
             let path = dir.join(format!("{group}-{agent}.toml"));
             boomerang_common::durable::write_atomic(&path, cfg.as_bytes(), 0o644)
                 .map_err(|e| anyhow!("write {}: {e}", path.display()))?;
-            say(ev, format!("agent {agent}: configuration {} for disks {}", path.display(), ds.iter().map(|d| d.id()).collect::<Vec<_>>().join(", ")));
+            say(
+                ev,
+                format!(
+                    "agent {agent}: configuration {} for disks {}",
+                    path.display(),
+                    ds.iter().map(|d| d.id()).collect::<Vec<_>>().join(", ")
+                ),
+            );
             paths.push(path);
         }
         self.groups.update(group, |r| {

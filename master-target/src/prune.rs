@@ -116,3 +116,155 @@ pub fn spawn(
         }
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use crate::disk::verify_batch;
+    use crate::disks::Disks;
+    use crate::groups::Groups;
+    use boomerang_common::delta::ExtentEncoder;
+    use boomerang_common::message::{Tag, TagKind};
+    use boomerang_common::{Batch, ChunkHash};
+    use std::time::Duration;
+
+    const SIZE: u64 = 8 << 20;
+    const HOUR_MS: u64 = 3_600_000;
+
+    /// A disk model and the master target's disk, written the same way.
+    struct Rig {
+        site: Site,
+        model: Vec<u8>,
+        seq: u64,
+    }
+
+    impl Rig {
+        async fn write(&mut self, offset: u64, fill: u8) {
+            // Incompressible, so that the journal spans several segments.
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(fill);
+            let data: Vec<u8> = (0..1 << 20)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()[3]
+                })
+                .collect();
+            let mut enc = ExtentEncoder::new(1).expect("zstd");
+            let batch = Batch {
+                disk: "d0".into(),
+                generation: 1,
+                seq: self.seq,
+                extents: vec![enc.encode(offset, &data, ChunkHash::of(&data))],
+            };
+            let v = verify_batch(&batch, SIZE).expect("verifies");
+            let d = self.site.disks.get("d0").expect("disk");
+            d.apply_batch(1, self.seq, v).await.expect("apply");
+            self.seq += 1;
+            let o = usize::try_from(offset).expect("small");
+            self.model[o..o + data.len()].copy_from_slice(&data);
+        }
+
+        async fn tag(&mut self, id: u64, kind: TagKind, time_ms: u64) -> Vec<u8> {
+            let d = self.site.disks.get("d0").expect("disk");
+            let tag = Tag {
+                disk: "d0".into(),
+                generation: 1,
+                seq: self.seq,
+                kind,
+                point_id: id,
+                time_ms,
+                group: "g".into(),
+            };
+            d.apply_tag(&tag).await.expect("tag");
+            self.seq += 1;
+            self.model.clone()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_executor_frees_journal_space_and_never_drops_the_newest_points() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disks = Disks::open(
+            &dir.path().join("state"),
+            &dir.path().join("retention"),
+            1 << 20,
+            Default::default(),
+        )
+        .expect("disks");
+        disks.open_disk("d0", SIZE, "g").expect("open disk");
+        let site = Site {
+            disks: Arc::new(disks),
+            groups: Arc::new(Groups::open(&dir.path().join("state")).expect("groups")),
+            drain_timeout: Duration::from_secs(1),
+        };
+        let mut rig = Rig {
+            site,
+            model: vec![0; SIZE as usize],
+            seq: 0,
+        };
+        // The initial sync: before the first point, so not journaled.
+        for k in 0..8u64 {
+            rig.write(k << 20, 100 + k as u8).await;
+        }
+        assert_eq!(rig.site.disks.get("d0").expect("disk").journal_bytes(), 0);
+        let now = now_ms();
+        let mut expected = Vec::new();
+        // Old points (outside a 1 h window), then recent ones; each followed by writes.
+        for (i, (kind, age)) in [
+            (TagKind::CrashConsistent, 5 * HOUR_MS),
+            (TagKind::AppConsistent, 4 * HOUR_MS),
+            (TagKind::CrashConsistent, 3 * HOUR_MS),
+            (TagKind::CrashConsistent, 10 * 60_000),
+            (TagKind::CrashConsistent, 60_000),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let i = i as u64;
+            let content = rig.tag(i + 1, kind, now - age).await;
+            expected.push((i + 1, content));
+            for k in 0..3u64 {
+                rig.write(((i * 3 + k) % 8) << 20, (i * 3 + k + 1) as u8)
+                    .await;
+            }
+        }
+        let d = rig.site.disks.get("d0").expect("disk");
+        let before = d.journal_bytes();
+        let policy = RetentionPolicy {
+            window_secs: 3600,
+            keep_all_secs: 1800,
+            ..RetentionPolicy::default()
+        };
+        let pruned = prune_once(&rig.site, &policy).await.expect("prune");
+        let kept: Vec<u64> = rig.site.points("g").iter().map(|p| p.id).collect();
+        // 1 and 3 are outside the window; 2 is the newest app-consistent point.
+        assert_eq!(kept, vec![2, 4, 5]);
+        assert_eq!(pruned.points, 2);
+        assert!(pruned.bytes > 0, "segments older than point 2 were deleted");
+        assert_eq!(d.journal_bytes(), before - pruned.bytes);
+        // Every point kept still gives back its exact bytes.
+        for (id, want) in expected.iter().filter(|(id, _)| kept.contains(id)) {
+            let cut = rig
+                .site
+                .points("g")
+                .into_iter()
+                .find(|p| p.id == *id)
+                .map(|p| p.cuts[0].1.clone())
+                .expect("cut");
+            let target = dir.path().join(format!("p{id}.img"));
+            crate::materialize::to_target(&d, &cut, &target, &mut |_, _, _| {})
+                .expect("materialize");
+            assert!(
+                std::fs::read(&target).expect("read") == *want,
+                "point {id} exact after pruning"
+            );
+        }
+        // A second round changes nothing.
+        assert_eq!(
+            prune_once(&rig.site, &policy).await.expect("prune"),
+            Pruned::default()
+        );
+    }
+}

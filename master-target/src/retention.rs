@@ -301,7 +301,11 @@ impl UndoJournal {
         compressor: &mut zstd::bulk::Compressor<'_>,
     ) -> Result<(), RetentionError> {
         debug_assert!(!before.is_empty() && before.len() <= MAX_RECORD);
-        if self.segments.last().is_some_and(|s| s.len >= self.segment_bytes) {
+        if self
+            .segments
+            .last()
+            .is_some_and(|s| s.len >= self.segment_bytes)
+        {
             self.roll()?;
         }
         let lsn = self.end_lsn();
