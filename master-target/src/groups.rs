@@ -121,8 +121,17 @@ pub fn group_path(state_dir: &Path, group: &str) -> PathBuf {
     state_dir.join("groups").join(format!("{group}.state"))
 }
 
+/// Checks a group name before it names a file: the rules of disk ids.
+pub fn validate_group(group: &str) -> Result<(), String> {
+    boomerang_common::delta::validate_disk_id(group)
+        .map_err(|_| format!("group {group:?} must be 1-{} characters of A-Z a-z 0-9 . _ - and not start with a dot", boomerang_common::delta::MAX_DISK_ID))
+}
+
 /// Loads a group's record, or the record of a group never acted on (protected).
 pub fn load_group(state_dir: &Path, group: &str) -> GroupRecord {
+    if validate_group(group).is_err() {
+        return GroupRecord::new(group);
+    }
     let path = group_path(state_dir, group);
     match StateFile::<GroupRecord>::open(&path) {
         Ok(st) => st.get().clone(),
@@ -194,6 +203,7 @@ impl Groups {
         group: &str,
         change: impl FnOnce(&mut GroupRecord),
     ) -> anyhow::Result<GroupRecord> {
+        validate_group(group).map_err(anyhow::Error::msg)?;
         let path = group_path(&self.state_dir, group);
         let mut st = StateFile::open_or_create(&path, GroupRecord::new(group))
             .map_err(|e| anyhow::anyhow!("open group record {}: {e}", path.display()))?;
@@ -403,6 +413,7 @@ mod tests {
         g.update("g", |r| r.state = GroupState::FailedBack)?;
         assert_eq!(g.check_in("g", "a", vec![], false), Action::Forget);
         assert_eq!(load_group(dir.path(), "g").state, GroupState::FailedBack);
+        assert!(g.update("../etc", |_| {}).is_err(), "a group name never leaves the directory");
         Ok(())
     }
 }
