@@ -729,6 +729,12 @@ fn check_targets(
             bail!("--to names disk {t}, which is not in group {group}");
         }
     }
+    let mut seen = std::collections::BTreeSet::new();
+    for path in targets.values() {
+        if !seen.insert(path) {
+            bail!("--to gives {} for two disks; each disk needs a target of its own", path.display());
+        }
+    }
     for d in disks {
         if !targets.contains_key(d.id()) {
             bail!("--to gives no target for disk {} of group {group}: give one for every disk, or none to roll the replicas in place", d.id());
