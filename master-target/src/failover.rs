@@ -236,17 +236,12 @@ impl Site {
                 .cloned()
                 .ok_or_else(|| anyhow!("disk {} has no cut of point {}", d.id(), f.point_id))?;
             let target = f.targets.get(d.id()).cloned();
-            let r = self
-                .give_back(d, &cut, target.as_deref(), ev)
-                .await
-                .inspect_err(|e| {
-                    let msg = format!("{e:#}");
-                    let _ = self.groups.update(group, |r| r.last_error = Some(msg));
-                })?;
             if target.is_none() {
-                // The replica now holds the point: points after it are gone, and the
-                // stream it had received is no longer what it holds, so whatever is
-                // sent next must be a new generation that resyncs.
+                // Rolled in place, the replica leaves every point after this one
+                // behind, and the stream it received no longer describes it: first
+                // (durably) the later points go and whatever is sent next must be a
+                // new generation that resyncs; then the roll (idempotent, redone after
+                // a crash). Points before this one stay exact throughout.
                 let keep = cut.clone();
                 d.update_record(|r| {
                     r.points
@@ -259,6 +254,13 @@ impl Site {
                 })
                 .await?;
             }
+            let r = self
+                .give_back(d, &cut, target.as_deref(), ev)
+                .await
+                .inspect_err(|e| {
+                    let msg = format!("{e:#}");
+                    let _ = self.groups.update(group, |r| r.last_error = Some(msg));
+                })?;
             results.push(r);
         }
         self.groups.update(group, |r| {
@@ -437,6 +439,14 @@ impl Site {
         ev: &Events,
     ) -> anyhow::Result<PointResult> {
         let _one = self.groups.action_lock.lock().await;
+        let rec = self.groups.record(group);
+        if let Some(f) = rec
+            .failover
+            .as_ref()
+            .filter(|f| rec.state == GroupState::FailoverPending && f.targets.is_empty())
+        {
+            bail!("group {group}: the replicas are rolled back to point {} for a failover; test failovers wait for `commit` or `failover --cancel`", f.point_id);
+        }
         let disks = self.group_disks(group)?;
         if targets.is_empty() {
             bail!("test-failover needs --to DISK=PATH for every disk of group {group}: it never touches the replicas");
@@ -544,7 +554,7 @@ impl Site {
             };
             // The disk now holds the point (rolled in place, or materialized to the
             // target that becomes its replica): history after the point is void.
-            d.truncate_journal(cut.lsn)?;
+            // The record goes first, so no point is ever listed without its history.
             let target = f.targets.get(d.id()).cloned();
             let keep = cut.clone();
             d.update_record(|r| {
@@ -562,6 +572,7 @@ impl Site {
                 }
             })
             .await?;
+            d.truncate_journal(cut.lsn)?;
             if target.is_some() {
                 self.disks.reload(d.id())?;
             }
@@ -732,7 +743,10 @@ fn check_targets(
     let mut seen = std::collections::BTreeSet::new();
     for path in targets.values() {
         if !seen.insert(path) {
-            bail!("--to gives {} for two disks; each disk needs a target of its own", path.display());
+            bail!(
+                "--to gives {} for two disks; each disk needs a target of its own",
+                path.display()
+            );
         }
     }
     for d in disks {
