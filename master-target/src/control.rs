@@ -175,7 +175,42 @@ fn line_of(reply: &Reply) -> Vec<u8> {
     v
 }
 
+impl Request {
+    /// The group the request acts on.
+    pub fn group(&self) -> &str {
+        match self {
+            Request::Failover { group, .. }
+            | Request::Cancel { group }
+            | Request::TestFailover { group, .. }
+            | Request::TestCleanup { group }
+            | Request::Commit { group }
+            | Request::Reprotect { group, .. }
+            | Request::Protect { group } => group,
+        }
+    }
+}
+
+/// Runs a request; a failure is also kept as the group's last error (`status`).
 async fn run(
+    site: &Site,
+    request: Request,
+    ev: &crate::failover::Events,
+) -> anyhow::Result<serde_json::Value> {
+    let group = request.group().to_string();
+    let result = act(site, request, ev).await;
+    if let Err(e) = &result {
+        let known = site.disks.all().iter().any(|d| d.record().group == group);
+        if known {
+            let msg = format!("{e:#}");
+            if let Err(e2) = site.groups.update(&group, |r| r.last_error = Some(msg)) {
+                warn!(error = %format!("{e2:#}"), "could not record the group's last error");
+            }
+        }
+    }
+    result
+}
+
+async fn act(
     site: &Site,
     request: Request,
     ev: &crate::failover::Events,

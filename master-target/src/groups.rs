@@ -123,8 +123,12 @@ pub fn group_path(state_dir: &Path, group: &str) -> PathBuf {
 
 /// Checks a group name before it names a file: the rules of disk ids.
 pub fn validate_group(group: &str) -> Result<(), String> {
-    boomerang_common::delta::validate_disk_id(group)
-        .map_err(|_| format!("group {group:?} must be 1-{} characters of A-Z a-z 0-9 . _ - and not start with a dot", boomerang_common::delta::MAX_DISK_ID))
+    boomerang_common::delta::validate_disk_id(group).map_err(|_| {
+        format!(
+            "group {group:?} must be 1-{} characters of A-Z a-z 0-9 . _ - and not start with a dot",
+            boomerang_common::delta::MAX_DISK_ID
+        )
+    })
 }
 
 /// Loads a group's record, or the record of a group never acted on (protected).
@@ -413,7 +417,10 @@ mod tests {
         g.update("g", |r| r.state = GroupState::FailedBack)?;
         assert_eq!(g.check_in("g", "a", vec![], false), Action::Forget);
         assert_eq!(load_group(dir.path(), "g").state, GroupState::FailedBack);
-        assert!(g.update("../etc", |_| {}).is_err(), "a group name never leaves the directory");
+        assert!(
+            g.update("../etc", |_| {}).is_err(),
+            "a group name never leaves the directory"
+        );
         Ok(())
     }
 }
