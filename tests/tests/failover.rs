@@ -120,14 +120,18 @@ impl Setup {
             .collect()
     }
 
-    fn group_state(&self) -> String {
+    fn group_field(&self, field: &str) -> String {
         let status = self.cluster.mt_status();
         status.raw["groups"]
             .as_array()
             .and_then(|g| g.iter().find(|g| g["group"] == GROUP))
-            .and_then(|g| g["state"].as_str())
+            .and_then(|g| g[field].as_str())
             .unwrap_or("unknown")
             .to_string()
+    }
+
+    fn group_state(&self) -> String {
+        self.group_field("state")
     }
 }
 
@@ -197,6 +201,10 @@ fn every_way_of_giving_a_point_back_returns_the_sources_bytes_at_its_tag() {
         s.group_state(),
         "protected",
         "a failed drain changes nothing"
+    );
+    assert!(
+        s.group_field("last_error").contains("latest-processed"),
+        "status shows why the last action failed"
     );
 
     // Roll the replicas back in place to the older point, cancel, resync.
