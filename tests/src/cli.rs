@@ -341,6 +341,17 @@ impl MtStatus {
         }
     }
 
+    /// The state of group `group` (`syncing`, `protected`, `failover-pending`,
+    /// `failed-back`, ...), or `None` when no disk of it is known.
+    pub fn group_state(&self, group: &str) -> Option<String> {
+        self.raw["groups"]
+            .as_array()?
+            .iter()
+            .find(|g| g["group"] == group)
+            .and_then(|g| g["state"].as_str())
+            .map(str::to_string)
+    }
+
     /// The status of disk `id`; panics when it is absent.
     pub fn disk(&self, id: &str) -> &MtDiskStatus {
         self.disks
@@ -504,6 +515,8 @@ pub struct PointInfo {
     pub kind: String,
     /// Wall time of the point (ms since the epoch).
     pub time_ms: u64,
+    /// The disks whose cuts make the point (every disk of the group).
+    pub disks: Vec<String>,
     /// Marked the newest point here.
     pub latest_processed: bool,
     /// Marked the newest app-consistent point.
@@ -519,6 +532,14 @@ pub fn parse_points(v: &Value) -> Vec<PointInfo> {
             id: uint(p, "id", what),
             kind: string(p, "kind", what),
             time_ms: uint(p, "time_ms", what),
+            disks: array(p, "disks", what)
+                .iter()
+                .map(|d| {
+                    d.as_str()
+                        .unwrap_or_else(|| panic!("{what}: a disk is not a string in {p}"))
+                        .to_string()
+                })
+                .collect(),
             latest_processed: field(p, "latest_processed", what).as_bool() == Some(true),
             latest_app: field(p, "latest_app", what).as_bool() == Some(true),
         })

@@ -190,6 +190,46 @@ impl Drop for Mount {
     }
 }
 
+/// Whether `/proc/self/mountinfo` lists a mount on `dir`. Reads the table instead of
+/// `stat`ing `dir`, which fails on a dead FUSE mount and hangs on one whose server is
+/// stopped.
+pub fn is_mount_point(dir: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .any(|m| Path::new(m) == dir)
+}
+
+/// Lazily unmounts (`umount -l`) whatever is still mounted on a directory when
+/// dropped: for mounts a test does not make itself, such as the FUSE mount of a disk
+/// an agent serves, which a killed agent leaves behind dead.
+#[derive(Debug)]
+pub struct LazyUnmountGuard(PathBuf);
+
+impl LazyUnmountGuard {
+    /// Guards `dir` (it need not be mounted yet, or ever).
+    pub fn new(dir: impl Into<PathBuf>) -> LazyUnmountGuard {
+        LazyUnmountGuard(dir.into())
+    }
+
+    /// The guarded directory.
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for LazyUnmountGuard {
+    fn drop(&mut self) {
+        if is_mount_point(&self.0) {
+            let mut cmd = Command::new(cleanup_tool("umount"));
+            cmd.arg("-l").arg(&self.0);
+            warn_unless_ok(&mut cmd);
+        }
+    }
+}
+
 /// A frozen filesystem (`fsfreeze -f`), thawed (`fsfreeze -u`) on drop.
 #[derive(Debug)]
 pub struct FreezeGuard<'m> {
