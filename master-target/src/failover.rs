@@ -389,8 +389,8 @@ impl Site {
                         running.join(", ")
                     ));
                 }
-                if !behind.is_empty() {
-                    why.push(format!("disks {} have not received their final point (is the process server reachable?)", behind.join(", ")));
+                if !behind.is_empty() && uncovered.is_empty() && running.is_empty() {
+                    why.push(format!("every agent shut down, but disks {} have not received their final point (is the process server reachable?)", behind.join(", ")));
                 }
                 bail!(
                     "group {group}: the sources could not be drained within {} s: {}; choose --point latest-processed to fail over to what is here already",

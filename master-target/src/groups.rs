@@ -318,6 +318,12 @@ impl Groups {
                     );
                     b.decided.send_replace(Some((true, String::new())));
                 }
+            } else if let Some((false, why)) = b.decided.borrow().clone() {
+                // Decided before this prepare arrived: say so, not the old reason.
+                return (
+                    false,
+                    format!("this prepare of point {point_id} came after the point was abandoned ({why})"),
+                );
             }
             b.decided.subscribe()
         };
@@ -396,6 +402,11 @@ mod tests {
             .prepare("g", 8, vec!["b0".into()], all, now_ms() + 300)
             .await;
         assert!(!late.0, "a late prepare gets the abandon decision");
+        assert!(
+            late.1.contains("came after"),
+            "and is told it came late: {}",
+            late.1
+        );
     }
 
     #[test]
