@@ -292,7 +292,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let records = crate::disks::load_records(&dirs.state_dir)
                 .with_context(|| format!("reading state in {}", dirs.state_dir.display()))?;
             if !records.iter().any(|r| r.group == group) {
-                anyhow::bail!("no disk of group {group} is known in {}; `boomerang-mt status` lists the groups", dirs.state_dir.display());
+                eprintln!("boomerang-mt: no disk of group {group} is known in {} yet; `boomerang-mt status` lists the groups", dirs.state_dir.display());
             }
             let lines = crate::points::listing(&crate::points::group_points(&records, &group));
             if json {

@@ -407,10 +407,11 @@ impl Disk {
             .map_err(|source| self.retention_error(source))
     }
 
-    /// Discards history from `lsn` on (after a committed failover).
-    pub fn truncate_journal(&self, lsn: u64) -> Result<(), ApplyError> {
-        lock(&self.journal)
-            .truncate_from(lsn)
+    /// Discards the whole history (a committed failover: the disk went live).
+    pub fn clear_journal(&self) -> Result<(), ApplyError> {
+        let mut j = lock(&self.journal);
+        let start = j.start_lsn();
+        j.truncate_from(start)
             .map_err(|source| self.retention_error(source))
     }
 

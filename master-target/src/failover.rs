@@ -440,6 +440,9 @@ impl Site {
     ) -> anyhow::Result<PointResult> {
         let _one = self.groups.action_lock.lock().await;
         let rec = self.groups.record(group);
+        if matches!(rec.state, GroupState::FailedBack | GroupState::Reprotecting) {
+            bail!("group {group} failed back here: its disks are live and it has no recovery points (they were discarded at commit)");
+        }
         if let Some(f) = rec
             .failover
             .as_ref()
@@ -553,14 +556,15 @@ impl Site {
                 continue;
             };
             // The disk now holds the point (rolled in place, or materialized to the
-            // target that becomes its replica): history after the point is void.
-            // The record goes first, so no point is ever listed without its history.
+            // target that becomes its replica) and goes live: the workload writes it
+            // from now on, outside the master target, so no journal can lead back
+            // to any point of the group any more. All of its retention goes; the
+            // record first, so no point is ever listed without its history.
             let target = f.targets.get(d.id()).cloned();
             let keep = cut.clone();
             d.update_record(|r| {
-                r.points
-                    .retain(|c| c.lsn < keep.lsn || c.point_id == keep.point_id);
-                r.cut = Some(keep.clone());
+                r.points.clear();
+                r.cut = None;
                 if let Some(t) = &target {
                     r.replica.clone_from(t);
                 }
@@ -572,7 +576,7 @@ impl Site {
                 }
             })
             .await?;
-            d.truncate_journal(cut.lsn)?;
+            d.clear_journal()?;
             if target.is_some() {
                 self.disks.reload(d.id())?;
             }
@@ -588,7 +592,7 @@ impl Site {
         for d in self.group_disks(group)? {
             d.set_paused(Some(reason.clone())).await;
         }
-        say(ev, format!("group {group}: failover to point {} committed; the old source is told to stop replicating and forget the group; the group is failed back and unprotected (reprotect it to replicate it again)", f.point_id));
+        say(ev, format!("group {group}: failover to point {} committed; its recovery points and retention are discarded (the disks are live now); the old source is told to stop replicating and forget the group; the group is failed back and unprotected (reprotect it to replicate it again)", f.point_id));
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 use std::process::Command;
@@ -246,6 +247,132 @@ pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
     }
 }
 
+/// Where two equally sized files or block devices differ, by 4 KiB block: `None`
+/// when they hold the same bytes, else how many blocks differ and the first offsets.
+/// Block devices are read with `O_DIRECT`, past the page cache, so what a filesystem
+/// or a writer still holds in memory is not mistaken for what the device holds (the
+/// kernel writes a block device's dirty cache back before a direct read of it).
+pub fn block_differences(a: &Path, b: &Path) -> Option<String> {
+    block_differences_ignoring(a, b, &[])
+}
+
+/// [`block_differences`], except that bytes inside the `ignore` ranges (absolute
+/// offsets) may differ: a block counts as different only for a byte outside them.
+pub fn block_differences_ignoring(a: &Path, b: &Path, ignore: &[Range<u64>]) -> Option<String> {
+    const BLOCK: usize = 4096;
+    const SHOWN: usize = 12;
+    let (size_a, size_b) = (byte_size(a), byte_size(b));
+    if size_a != size_b {
+        return Some(format!(
+            "sizes differ: {} holds {size_a} bytes, {} {size_b}",
+            a.display(),
+            b.display()
+        ));
+    }
+    let (ra, rb) = (DirectReader::open(a), DirectReader::open(b));
+    let (mut ba, mut bb) = (AlignedBuf::new(BUF_LEN), AlignedBuf::new(BUF_LEN));
+    let mut first = Vec::new();
+    let mut first_bytes = Vec::new();
+    let mut count = 0u64;
+    let mut at = 0u64;
+    while at < size_a {
+        let n = usize::try_from((size_a - at).min(BUF_LEN as u64)).expect("at most a MiB");
+        ra.read_exact_at(ba.get(n), at);
+        rb.read_exact_at(bb.get(n), at);
+        for (i, (x, y)) in ba
+            .get(n)
+            .chunks(BLOCK)
+            .zip(bb.get(n).chunks(BLOCK))
+            .enumerate()
+        {
+            let block_at = at + (i * BLOCK) as u64;
+            if x == y {
+                continue;
+            }
+            let bytes: Vec<(u64, u8, u8)> = x
+                .iter()
+                .zip(y)
+                .enumerate()
+                .map(|(j, (p, q))| (block_at + j as u64, *p, *q))
+                .filter(|(offset, p, q)| p != q && !ignore.iter().any(|r| r.contains(offset)))
+                .collect();
+            if !bytes.is_empty() {
+                count += 1;
+                if first.len() < SHOWN {
+                    first.push(block_at);
+                }
+                if first_bytes.is_empty() {
+                    first_bytes = bytes.into_iter().take(SHOWN).collect();
+                }
+            }
+        }
+        at += n as u64;
+    }
+    (count > 0).then(|| {
+        format!(
+            "{count} of {} 4 KiB blocks of {} and {} differ, first at offsets {first:?}; \
+             in the first, (offset, byte of a, byte of b): {first_bytes:?}",
+            size_a.div_ceil(BLOCK as u64),
+            a.display(),
+            b.display()
+        )
+    })
+}
+
+/// A file read at offsets; with `O_DIRECT` when it is a block device.
+struct DirectReader {
+    file: File,
+    path: std::path::PathBuf,
+}
+
+impl DirectReader {
+    fn open(path: &Path) -> DirectReader {
+        use std::os::unix::fs::OpenOptionsExt;
+        let is_block = std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+            .file_type()
+            .is_block_device();
+        let mut options = OpenOptions::new();
+        options.read(true);
+        if is_block {
+            options.custom_flags(libc::O_DIRECT);
+        }
+        let file = options
+            .open(path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        DirectReader {
+            file,
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) {
+        self.file
+            .read_exact_at(buf, at)
+            .unwrap_or_else(|e| panic!("read {} at {at}: {e}", self.path.display()));
+    }
+}
+
+/// A buffer whose start is aligned for `O_DIRECT` (4 KiB).
+struct AlignedBuf {
+    raw: Vec<u8>,
+    skip: usize,
+}
+
+impl AlignedBuf {
+    const ALIGN: usize = 4096;
+
+    fn new(len: usize) -> AlignedBuf {
+        let raw = vec![0u8; len + Self::ALIGN];
+        let skip = raw.as_ptr().align_offset(Self::ALIGN);
+        AlignedBuf { raw, skip }
+    }
+
+    fn get(&mut self, n: usize) -> &mut [u8] {
+        &mut self.raw[self.skip..self.skip + n]
+    }
+}
+
 /// Reads until `buf` is full or the end of input; returns the bytes read.
 pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut at = 0;
@@ -271,6 +398,46 @@ mod tests {
         file.read_exact_at(&mut buf, offset)
             .expect("read image range");
         buf
+    }
+
+    #[test]
+    fn block_differences_name_the_blocks() {
+        let dir = scratch_dir("blockdiff");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        make_mixed_image(&a, 3 * MIB + 8192, 7);
+        std::fs::copy(&a, &b).expect("copy image");
+        assert_eq!(block_differences(&a, &b), None);
+        let f = OpenOptions::new().write(true).open(&b).expect("open copy");
+        f.write_all_at(&[0xa5; 2], 2 * MIB + 4097)
+            .expect("write two bytes");
+        f.write_all_at(&[0x5a; 3], 3 * MIB + 8189)
+            .expect("write near the end");
+        drop(f);
+        let diff = block_differences(&a, &b).expect("the copies differ");
+        assert!(
+            diff.starts_with("2 of 770 4 KiB blocks") && diff.contains("[2101248, 3149824]"),
+            "{diff}"
+        );
+        let both = [
+            2 * MIB + 4097..2 * MIB + 4099,
+            3 * MIB + 8189..3 * MIB + 8192,
+        ];
+        assert_eq!(block_differences_ignoring(&a, &b, &both), None);
+        let diff = block_differences_ignoring(&a, &b, &both[..1]).expect("one block left");
+        assert!(
+            diff.starts_with("1 of 770") && diff.contains("[3149824]"),
+            "{diff}"
+        );
+        f_set_len(&b, MIB);
+        assert!(block_differences(&a, &b).is_some_and(|d| d.starts_with("sizes differ")));
+    }
+
+    fn f_set_len(path: &Path, len: u64) {
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_len(len))
+            .expect("truncate");
     }
 
     #[test]

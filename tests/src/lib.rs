@@ -15,6 +15,10 @@
 //! - [`loopdev`]: loop devices, ext4, mounts and fsfreeze, each a guard that undoes
 //!   itself on drop (also while a test panics).
 //! - [`tree`]: writing and hashing directory trees on a mounted filesystem.
+//! - [`site_link`]: a counting UDP relay standing for the link between two sites
+//!   ([`SiteLink`]): bytes on the wire, measured outside the binaries.
+//! - [`tracefs`]: whether the trace source can work here, and sweeping the trace
+//!   instances of killed agents.
 //! - [`rng`]: the seeded, version-stable generator behind all generated data.
 //!
 //! Environment knobs: `BOOMERANG_PRIVILEGED_TESTS=1` (fail instead of skip),
@@ -30,12 +34,18 @@ pub mod pki;
 pub mod privileged;
 pub mod process;
 pub mod rng;
+pub mod site_link;
+pub mod tracefs;
 pub mod tree;
 
 pub use cluster::{Cluster, ClusterConfig};
-pub use disk::{change_chunks, files_equal, first_difference, make_mixed_image, sha256_file};
+pub use disk::{
+    block_differences, block_differences_ignoring, change_chunks, files_equal, first_difference,
+    make_mixed_image, sha256_file,
+};
 pub use loopdev::{e2fsck_clean, mkfs_ext4, FreezeGuard, LoopDevice, Mount};
 pub use pki::TestPki;
 pub use privileged::{require_privileged, Need};
 pub use process::{bin, run, run_json, run_ok, scratch_dir, Daemon, DaemonSpec};
+pub use site_link::{LinkBytes, SiteLink};
 pub use tree::{assert_trees_equal, hash_tree, write_tree, TreeHashes};

@@ -29,6 +29,8 @@ pub enum Need {
     Ext4Tools,
     /// `fsfreeze`, and root to use it.
     Fsfreeze,
+    /// A tracefs the agent's trace source can use (see [`crate::tracefs::usable`]).
+    Tracefs,
 }
 
 impl Need {
@@ -45,6 +47,7 @@ impl Need {
                 check_root().map_err(|e| format!("fsfreeze needs root: {e}"))?;
                 require_tool("fsfreeze").map(|_| ())
             }
+            Need::Tracefs => crate::tracefs::usable(),
         }
     }
 }

@@ -253,6 +253,10 @@ fn every_way_of_giving_a_point_back_returns_the_sources_bytes_at_its_tag() {
     assert_holds(&t, &h4, "failover to latest-app, materialized");
     s.cluster.mt_op("commit", GROUP, &[]);
     assert_eq!(s.group_state(), "failed-back");
+    assert!(
+        s.cluster.mt_points(GROUP).is_empty(),
+        "the disks are live now: no history leads back to any earlier point"
+    );
     let refused = s.cluster.agent_sync_output(&s.args(false));
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
