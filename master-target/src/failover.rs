@@ -104,7 +104,17 @@ impl Site {
         group_points(&records, group)
     }
 
-    fn group_disks(&self, group: &str) -> anyhow::Result<Vec<Arc<Disk>>> {
+    /// The groups of the known disks.
+    pub fn groups(&self) -> std::collections::BTreeSet<String> {
+        self.disks
+            .all()
+            .iter()
+            .map(|d| d.durable_record().group)
+            .collect()
+    }
+
+    /// The disks of `group`; an error names the group when none is known.
+    pub fn group_disks(&self, group: &str) -> anyhow::Result<Vec<Arc<Disk>>> {
         let disks: Vec<_> = self
             .disks
             .all()
@@ -703,13 +713,7 @@ impl Site {
     pub async fn resume(&self) {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move { while rx.recv().await.is_some() {} });
-        let groups: std::collections::BTreeSet<String> = self
-            .disks
-            .all()
-            .iter()
-            .map(|d| d.durable_record().group)
-            .collect();
-        for g in groups {
+        for g in self.groups() {
             let rec = self.groups.record(&g);
             let reason = match rec.state {
                 GroupState::Protected => continue,

@@ -30,23 +30,12 @@ pub struct Pruned {
 pub async fn prune_once(site: &Site, policy: &RetentionPolicy) -> anyhow::Result<Pruned> {
     let _one = site.groups.action_lock.lock().await;
     let mut total = Pruned::default();
-    let groups: BTreeSet<String> = site
-        .disks
-        .all()
-        .iter()
-        .map(|d| d.durable_record().group)
-        .collect();
-    for group in groups {
+    for group in site.groups() {
         if site.groups.record(&group).state != GroupState::Protected {
             continue;
         }
         let points = site.points(&group);
-        let disks: Vec<_> = site
-            .disks
-            .all()
-            .into_iter()
-            .filter(|d| d.durable_record().group == group)
-            .collect();
+        let disks = site.group_disks(&group)?;
         let plan_points: Vec<PlanPoint> = points
             .iter()
             .map(|p| PlanPoint {
