@@ -93,6 +93,15 @@ struct TrackArgs {
     /// below the pause deadline [default: 1500].
     #[arg(long, value_name = "MS")]
     point_deadline_ms: Option<u64>,
+    /// Longest a consistency point may hold writes, in seconds; then it is undone and
+    /// the point abandoned [default: 2].
+    #[arg(long, value_name = "SECS")]
+    pause_deadline: Option<f64>,
+    /// Trace source: ring buffer per cpu in KiB; also bounds the writes a clean stop
+    /// may miss before the next start rescans instead of adopting the handed-over
+    /// trace instance (trace.buffer_size_kb) [default: 4096].
+    #[arg(long, value_name = "KIB")]
+    trace_buffer_kb: Option<u32>,
 }
 
 impl TrackArgs {
@@ -126,6 +135,12 @@ impl TrackArgs {
         }
         if let Some(v) = self.point_deadline_ms {
             c.point_deadline_ms = v;
+        }
+        if let Some(v) = self.pause_deadline {
+            c.pause_deadline_secs = v;
+        }
+        if let Some(v) = self.trace_buffer_kb {
+            c.trace.buffer_size_kb = v;
         }
     }
 }
@@ -341,6 +356,17 @@ fn print_track_report(report: &crate::track::TrackReport, json: bool) {
     }
     let mut p = report.pauses_ms.clone();
     p.sort_by(f64::total_cmp);
+    if report.adopted > 0 {
+        println!(
+            "resumed from {} handed-over trace instance(s) without a rescan: {} KiB changed while down, durable after {:.0} ms",
+            report.adopted,
+            report.backlog_bytes >> 10,
+            report.resume_ms.unwrap_or(0.0)
+        );
+    }
+    for why in &report.not_adopted {
+        println!("rescanned instead of adopting the trace instance of {why}");
+    }
     println!(
         "tracked: {} batches, {} MiB shipped, {} points ({} abandoned), {} resyncs; pause median {:.1} ms, max {:.1} ms",
         report.batches,

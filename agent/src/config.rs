@@ -128,7 +128,10 @@ pub struct AgentConfig {
     /// ms; must be below `pause_deadline_secs`.
     /// Default: 1500.
     pub point_deadline_ms: u64,
-    /// Kernel write tracing settings (buffer size, health checks).
+    /// Kernel write tracing settings (`[trace]`: ring buffer size, which also bounds
+    /// how much a cleanly stopped agent may miss before its next start has to rescan
+    /// rather than adopt the trace instance it handed over; hand-over on or off;
+    /// health checks). See [`crate::trace::TraceOptions`].
     pub trace: crate::trace::TraceOptions,
     /// TLS identity. Default: none (set it, or pass --pki-dir).
     pub tls: TlsPaths,

@@ -300,9 +300,14 @@ impl Syncer {
 }
 
 /// Deletes what the agent keeps per disk in `state_dir` (state file, intercept
-/// journal, dirty bitmap) for `disks`, so their next start is a new generation with
-/// a full scan. Missing files are fine.
-pub(crate) fn forget_disk_state(state_dir: &Path, disks: &[String]) -> anyhow::Result<()> {
+/// journal, dirty bitmap, a trace instance handed over to the next start, found
+/// under `tracefs` or the mounted tracefs) for `disks`, so their next start is a new
+/// generation with a full scan. Missing files are fine.
+pub(crate) fn forget_disk_state(
+    state_dir: &Path,
+    disks: &[String],
+    tracefs: Option<&Path>,
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let gone_ok = |r: std::io::Result<()>, what: &Path| match r {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -317,6 +322,15 @@ pub(crate) fn forget_disk_state(state_dir: &Path, disks: &[String]) -> anyhow::R
         gone_ok(std::fs::remove_file(&bitmap), &bitmap)?;
         // Last: while the state file is there, the disk is still known.
         let state = crate::state::path(state_dir, disk);
+        // An unreadable state names no instance; one left behind is replaced by the
+        // next tracer of its device.
+        let handover =
+            boomerang_common::durable::StateFile::<crate::state::DiskProgress>::open(&state)
+                .ok()
+                .and_then(|s| s.get().trace_handover.clone());
+        if let Some(h) = handover {
+            crate::trace::discard_handover(&h, tracefs);
+        }
         gone_ok(std::fs::remove_file(&state), &state)?;
     }
     if state_dir.exists() {
@@ -611,6 +625,40 @@ mod tests {
     }
 
     #[test]
+    fn forgetting_removes_a_handed_over_trace_instance() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        // A stand-in tracefs: an instance is a directory under instances/.
+        let tracefs = d.join("tracefs");
+        std::fs::create_dir_all(tracefs.join("instances/boomerang-7-3"))?;
+        std::fs::create_dir_all(tracefs.join("instances/boomerang-7-4"))?;
+        let mut progress = crate::state::DiskProgress::new("d0");
+        progress.trace_handover = Some(crate::trace::Handover {
+            instance: "boomerang-7-3".into(),
+            device: (7, 3),
+            filter: "dev == 7340035".into(),
+            buffer_size_kb: 4096,
+            buffer_size_read: "4096".into(),
+            clock: "counter".into(),
+            marker: 1,
+            counters: Vec::new(),
+            time_ms: 1,
+        });
+        boomerang_common::durable::StateFile::open_or_create(
+            &crate::state::path(d, "d0"),
+            progress,
+        )?;
+        forget_disk_state(d, &["d0".to_string()], Some(&tracefs))?;
+        assert!(!crate::state::path(d, "d0").exists());
+        assert!(!tracefs.join("instances/boomerang-7-3").exists());
+        assert!(
+            tracefs.join("instances/boomerang-7-4").exists(),
+            "other devices' instances are kept"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn forgetting_deletes_every_kind_of_disk_state() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let d = dir.path();
@@ -619,7 +667,7 @@ mod tests {
         std::fs::write(d.join("d0.bitmap"), b"x")?;
         std::fs::write(d.join("d0.state"), b"x")?;
         std::fs::write(d.join("other.state"), b"x")?;
-        forget_disk_state(d, &["d0".to_string(), "d1".to_string()])?;
+        forget_disk_state(d, &["d0".to_string(), "d1".to_string()], None)?;
         assert!(!d.join("journal/d0").exists());
         assert!(!d.join("d0.bitmap").exists());
         assert!(!d.join("d0.state").exists());

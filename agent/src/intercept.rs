@@ -40,6 +40,16 @@
 //! crash-consistent tag may be emitted until the shipper has caught up. A journal that
 //! fails otherwise does the same and sets [`Capture::resync_reason`].
 //!
+//! # Discards and zero-outs
+//! A loop device over the served file turns the file system's discards (mount `-o
+//! discard`, `fstrim`) into `fallocate(PUNCH_HOLE | KEEP_SIZE)` and its write-zeroes
+//! into `fallocate(ZERO_RANGE)` or a punch. Both are served like a write, under the
+//! capture lock: the same fallocate on the backing disk (a block device zeroes the
+//! range out; where the backing disk has no such fallocate, zeros are written), then a
+//! zero record in the journal ([`Capture::record_zero`]), in order with the writes,
+//! shipped as zero extents; only then is the writer answered. Other fallocate modes
+//! (allocate, grow, collapse, insert) are refused with EOPNOTSUPP.
+//!
 //! # Flush and fsync
 //! flush, fsync and fsyncdir from the writer fdatasync the backing disk and then sync
 //! the journal ([`Capture::sync`]); a timer also syncs the journal
@@ -227,9 +237,9 @@ pub struct InterceptStats {
     pub writes: u64,
     /// Bytes written to the backing disk.
     pub bytes_written: u64,
-    /// Writes appended to the journal.
+    /// Writes (and discards) appended to the journal.
     pub journaled: u64,
-    /// Writes marked in the bitmap instead.
+    /// Writes (and discards) marked in the bitmap instead.
     pub marked: u64,
     /// Writes the backing disk refused.
     pub write_errors: u64,
@@ -239,6 +249,14 @@ pub struct InterceptStats {
     pub bytes_read: u64,
     /// flush, fsync and fsyncdir requests.
     pub syncs: u64,
+    /// Discards and zero-outs (fallocate `PUNCH_HOLE | KEEP_SIZE`, `ZERO_RANGE`)
+    /// applied; each is journaled as a zero record (or marked, in bitmap mode) and
+    /// counted in `journaled` or `marked` too.
+    pub discards: u64,
+    /// Bytes those zeroed on the backing disk.
+    pub bytes_discarded: u64,
+    /// fallocate requests of other modes, refused with EOPNOTSUPP.
+    pub fallocate_refused: u64,
 }
 
 /// The journal sync timer thread.

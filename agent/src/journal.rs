@@ -29,7 +29,13 @@
 //!  payload, kind 1 (write): disk id len u8 | disk id | offset u64 LE | data
 //!  payload, kind 2 (tag):   disk id len u8 | disk id | tag kind u8 | point id u64 LE
 //!                           | time ms u64 LE
+//!  payload, kind 3 (zero):  disk id len u8 | disk id | offset u64 LE | len u64 LE
 //! ```
+//! Record versions: writes and tags are version 1; zero records (a discard or
+//! zero-out the workload issued: the range reads back as zeros) were added with
+//! version 2 and are written as version 2, so a build that knows only version 1
+//! refuses a journal holding one as unsupported rather than cutting it, and reads
+//! every journal without one as before.
 //! Journal seqs start at 1 and are contiguous: record `i` of a segment has seq
 //! `first seq + i`. A segment is closed once the next record would take it past the
 //! segment target (an eighth of the capacity, between 4 KiB and 64 MiB), so at most
@@ -313,6 +319,16 @@ impl Journal {
         }
         self.reserve(format::write_record_len(disk, data.len()))?;
         format::encode_write(&mut self.scratch, self.next_seq, disk, offset, data);
+        self.write_record()
+    }
+
+    /// Appends a zero record: `len` bytes at `offset` of `disk` read back as zeros from
+    /// here on (a discard or zero-out applied to the backing disk); returns its seq.
+    pub fn append_zero(&mut self, disk: &str, offset: u64, len: u64) -> Result<u64, AppendError> {
+        self.check_poisoned()?;
+        check_disk(disk)?;
+        self.reserve(format::zero_record_len(disk))?;
+        format::encode_zero(&mut self.scratch, self.next_seq, disk, offset, len);
         self.write_record()
     }
 

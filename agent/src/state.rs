@@ -1,5 +1,6 @@
 //! The agent's durable state per disk: generation, next seq, the pass in progress (so
-//! an interrupted sync resumes where it stopped) and file systems it froze.
+//! an interrupted sync resumes where it stopped), file systems it froze, and the trace
+//! instance a clean stop handed over to the next start.
 
 use std::path::{Path, PathBuf};
 
@@ -43,6 +44,12 @@ pub struct DiskProgress {
     /// Disk size when last shipped (0: unknown); a change starts a new generation.
     #[serde(default)]
     pub size: u64,
+    /// Trace source: the tracefs instance a clean stop left tracing the disk, after
+    /// every change it had read was durable at the process server. The next `track`
+    /// adopts it (and goes on without a rescan) if it checks out; taken out of the
+    /// state before anything else happens, so it is adopted at most once.
+    #[serde(default)]
+    pub trace_handover: Option<crate::trace::Handover>,
 }
 
 impl DiskProgress {
@@ -56,6 +63,7 @@ impl DiskProgress {
             frozen: Vec::new(),
             tracking: false,
             size: 0,
+            trace_handover: None,
         }
     }
 }

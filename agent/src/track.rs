@@ -12,6 +12,16 @@
 //! is resynced by scan. An unclean stop while tracking is found at the next start by
 //! the `tracking` flag of the disk's state, with the same consequence.
 //!
+//! A clean stop (SIGTERM) ships what is still dirty and then hands each trace
+//! instance over ([`Tracer::hand_over`]): it keeps tracing the device while the agent
+//! is down, and the disk's state records it only once everything the reader took out
+//! of it is durable at the process server. The next start adopts it
+//! ([`Tracer::adopt`]) when it and the master target's view of the disk check out,
+//! ships what it buffered meanwhile and goes on in the same generation without a
+//! scan; otherwise (instance gone, events overwritten while down, settings changed,
+//! the replica elsewhere) it says why and rescans against the replica's hashes as a
+//! start without a hand-over does.
+//!
 //! The master target's directives ([`crate::control`]) end the loop: a failover's
 //! shutdown takes one final point this same way (pause, capture, tag) before the
 //! shutdown hook; a committed failover stops the tracers and forgets the disks'
@@ -65,6 +75,28 @@ pub struct TrackReport {
     pub final_point_id: Option<u64>,
     /// Shut down for a failover: the master target heard that this agent shut down.
     pub shut_down_reported: bool,
+    /// Raw bytes read from the disks by scan passes (first passes and resyncs) of this
+    /// session; 0 when no disk was scanned.
+    pub scan_bytes_read: u64,
+    /// Trace source: disks whose trace instance, handed over at the last clean stop,
+    /// was adopted at start, without a scan.
+    pub adopted: u64,
+    /// Trace source: why a handed-over instance was not adopted (that disk was
+    /// rescanned instead), one line per disk.
+    pub not_adopted: Vec<String>,
+    /// Trace source: raw bytes of the blocks the adopted instances saw written while
+    /// the agent was down, shipped at start.
+    pub backlog_bytes: u64,
+    /// Trace source: milliseconds from start until that backlog was durable at the
+    /// process server (none when nothing was adopted).
+    pub resume_ms: Option<f64>,
+    /// Trace source: instances handed over at the stop, for the next start.
+    pub handed_over: u64,
+    /// Intercept source: discards and zero-outs of the workload served (journaled as
+    /// zero records, shipped as zero extents).
+    pub discards: u64,
+    /// Intercept source: bytes those zeroed.
+    pub bytes_discarded: u64,
 }
 
 impl TrackReport {
@@ -94,26 +126,63 @@ impl Syncer {
             self.forget(&mut report)?;
             return Ok(report);
         }
+        let started = Instant::now();
         let mut disks = Vec::new();
+        let mut adopted = Vec::new();
         for d in &cfg.disks {
-            let disk = self.open_disk(&d.id, &d.path).await?;
-            // Track first, then scan: writes during the scan are caught.
-            let tracer = Tracer::start(&d.path, cfg.trace.clone()).with_context(|| {
-                format!("tracing writes of disk {} ({})", d.id, d.path.display())
-            })?;
+            let mut disk = self.open_disk(&d.id, &d.path).await?;
+            // Out of the state first: an instance is adopted at most once, and one not
+            // adopted is replaced by the tracer started below.
+            let handover = take_handover(&mut disk)?;
+            let mut tracer = None;
+            if let Some(h) = handover {
+                match self.adopt(&disk, &d.path, h).await {
+                    Ok(t) => tracer = Some(t),
+                    Err(why) => {
+                        warn!(disk = %d.id, reason = %why, "not adopting the trace instance handed over at the last stop: rescanning against the replica");
+                        report.not_adopted.push(format!("{}: {why}", d.id));
+                    }
+                }
+            }
+            adopted.push(tracer.is_some());
+            let tracer = match tracer {
+                Some(t) => t,
+                // Track first, then scan: writes during the scan are caught.
+                None => Tracer::start(&d.path, cfg.trace.clone()).with_context(|| {
+                    format!("tracing writes of disk {} ({})", d.id, d.path.display())
+                })?,
+            };
             disks.push(Tracked { disk, tracer });
         }
         // With a way to pause writes, the replica becomes consistent at a real point
         // taken right after the scan (the first tick); without one, the scan ends with
         // a sync-complete tag as a plain sync does.
         let can_pause = !cfg.freeze.is_empty();
-        for t in &mut disks {
+        for (t, &adopted) in disks.iter_mut().zip(&adopted) {
             // Set before the scan: a crash during it must not resume this pass in the
             // same generation, since writes to units already sent die with the tracer.
             let unclean = crate::sync::unclean_tracking(&t.disk);
             set_tracking(&mut t.disk, true)?;
+            if adopted {
+                info!(disk = %t.disk.id, generation = t.disk.state.get().generation, next_seq = t.disk.state.get().next_seq, "clean restart: continuing the generation from the handed-over trace instance, no rescan");
+                continue;
+            }
             self.first_pass(&mut t.disk, now_ms(), unclean, !can_pause)
                 .await?;
+        }
+        if adopted.iter().any(|a| *a) {
+            // What the instances buffered while the agent was down.
+            let before = report.bytes_shipped;
+            self.ship_dirty(&mut disks, &mut report).await?;
+            report.adopted = adopted.iter().filter(|a| **a).count() as u64;
+            report.backlog_bytes = report.bytes_shipped - before;
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            report.resume_ms = Some(ms);
+            info!(
+                backlog_bytes = report.backlog_bytes,
+                resume_ms = format!("{ms:.0}"),
+                "the changes made while the agent was down are durable at the process server"
+            );
         }
         info!(disks = disks.len(), "tracking writes");
         let ship_every = Duration::from_millis(cfg.ship_interval_ms);
@@ -152,11 +221,12 @@ impl Syncer {
             }
         };
         drop(directives);
+        report.scan_bytes_read = disks.iter().map(|t| t.disk.report.bytes_read).sum();
         let why = match result {
             Ok(why) => why,
             Err(e) => {
                 // Not clean: the next start resyncs. The loop's error is the one told.
-                let _ = self.stop_tracking(disks, &mut report, false).await;
+                let _ = self.stop_tracking(disks, &mut report, false, false).await;
                 return Err(e);
             }
         };
@@ -174,20 +244,21 @@ impl Syncer {
             }
             TrackStop::ShutDown => {
                 if let Err(e) = self.final_point(&mut disks, &mut report).await {
-                    let _ = self.stop_tracking(disks, &mut report, false).await;
+                    let _ = self.stop_tracking(disks, &mut report, false, false).await;
                     return Err(e);
                 }
                 if let Err(e) = self.run_shutdown_hook().await {
                     // Stopped cleanly, but the workload may still run: no shutdown is
                     // reported.
-                    if let Err(stop) = self.stop_tracking(disks, &mut report, true).await {
+                    if let Err(stop) = self.stop_tracking(disks, &mut report, true, false).await {
                         warn!(error = %format!("{stop:#}"), "stopping after the failed shutdown hook");
                     }
                     return Err(e);
                 }
             }
         }
-        self.stop_tracking(disks, &mut report, true).await?;
+        self.stop_tracking(disks, &mut report, true, why == TrackStop::Signal)
+            .await?;
         report.set_stopped(why);
         if why == TrackStop::ShutDown {
             report.shut_down_reported = self.report_shut_down().await;
@@ -197,12 +268,16 @@ impl Syncer {
 
     /// The stop after the loop: on a clean stop ships what is still dirty and, when
     /// nothing was missed, records it in the disks' state (else the next start
-    /// resyncs); stops the tracers in every case.
+    /// resyncs). With `hand_over` (a SIGTERM, not a failover: the source is being
+    /// replaced then) the trace instances of a clean stop are handed over to the next
+    /// start (see `Syncer::hand_over`, unless `trace.hand_over` is off); otherwise, and
+    /// when that fails, the tracers are stopped.
     async fn stop_tracking(
         &self,
         mut disks: Vec<Tracked>,
         report: &mut TrackReport,
         mut clean: bool,
+        hand_over: bool,
     ) -> anyhow::Result<()> {
         for t in &disks {
             // Everything queued before the stop must be in the last dirty sets.
@@ -217,8 +292,15 @@ impl Syncer {
                 clean = false;
             }
         }
+        let hand_over = hand_over && clean && self.config.trace.hand_over;
         for t in disks {
             let Tracked { mut disk, tracer } = t;
+            if hand_over && tracer.lost().is_none() {
+                if self.hand_over(&mut disk, tracer, report).await? {
+                    report.handed_over += 1;
+                }
+                continue;
+            }
             let lost = tracer.lost();
             if let Err(e) = tracer.stop() {
                 warn!(disk = %disk.id, error = %e, "stopping the tracer");
@@ -228,6 +310,86 @@ impl Syncer {
             }
         }
         Ok(())
+    }
+
+    /// Hands the disk's trace instance over to the next start: the reader stops, what
+    /// it gathered since the last take is shipped, and only once that is durable at
+    /// the process server is the hand-over recorded in the disk's state, with the
+    /// tracking flag cleared in the same store. Returns whether it was handed over;
+    /// when not, the instance is gone and the state says why the next start rescans
+    /// (a loss keeps the tracking flag: new generation).
+    async fn hand_over(
+        &self,
+        disk: &mut DiskCtx,
+        tracer: Tracer,
+        report: &mut TrackReport,
+    ) -> anyhow::Result<bool> {
+        let (handover, rest) = match tracer.hand_over() {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(disk = %disk.id, error = %e, "could not hand the trace instance over; the next start rescans");
+                if !matches!(e, crate::trace::TraceError::Lost(_)) {
+                    set_tracking(disk, false)?;
+                }
+                return Ok(false);
+            }
+        };
+        let shipped = match self.build(disk, &rest).await {
+            Ok(frames) => self.ship(disk, frames, report).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = shipped {
+            warn!(disk = %disk.id, error = %format!("{e:#}"), "could not ship the last changes before the hand-over; the next start resyncs");
+            crate::trace::discard_handover(&handover, self.config.trace.tracefs.as_deref());
+            return Ok(false);
+        }
+        let mut p = disk.state.get().clone();
+        p.tracking = false;
+        p.trace_handover = Some(handover);
+        disk.state.store(p)?;
+        info!(disk = %disk.id, "trace instance handed over to the next start");
+        Ok(true)
+    }
+
+    /// Adopts the trace instance handed over at the last stop, if the disk's state
+    /// and the master target agree that the replica is where the stop left it; the
+    /// reason otherwise.
+    async fn adopt(
+        &self,
+        disk: &DiskCtx,
+        path: &std::path::Path,
+        handover: crate::trace::Handover,
+    ) -> Result<Tracer, String> {
+        let mine = disk.state.get().clone();
+        let size = disk.source.geometry().size;
+        if mine.tracking {
+            return Err("the last stop was not clean".into());
+        }
+        if mine.generation == 0 || mine.pass.is_some() {
+            return Err("a pass was in progress".into());
+        }
+        if mine.size != size {
+            return Err(format!(
+                "the disk was resized from {} to {size} bytes",
+                mine.size
+            ));
+        }
+        let remote = self
+            .disk_state(disk)
+            .await
+            .map_err(|e| format!("asking for the replica's state: {e:#}"))?;
+        if remote.generation != mine.generation || remote.next_seq > mine.next_seq {
+            return Err(format!(
+                "the replica is at generation {} seq {}, this agent shipped generation {} up to seq {}",
+                remote.generation, remote.next_seq, mine.generation, mine.next_seq
+            ));
+        }
+        let path = path.to_path_buf();
+        let opts = self.config.trace.clone();
+        tokio::task::spawn_blocking(move || Tracer::adopt(&path, opts, &handover))
+            .await
+            .map_err(|e| format!("adopting thread failed: {e}"))?
+            .map_err(|e| e.to_string())
     }
 
     /// The failover's final point: a crash-consistent point taken the usual way
@@ -264,7 +426,11 @@ impl Syncer {
     /// After a committed failover: deletes the disks' state (see
     /// [`crate::control::forget_disk_state`]).
     pub(crate) fn forget(&self, report: &mut TrackReport) -> anyhow::Result<()> {
-        crate::control::forget_disk_state(&self.config.state_dir, &self.config.disk_ids())?;
+        crate::control::forget_disk_state(
+            &self.config.state_dir,
+            &self.config.disk_ids(),
+            self.config.trace.tracefs.as_deref(),
+        )?;
         info!(
             "failover committed at the master target: stopped replicating group {} and forgot its state",
             self.config.group()
@@ -610,6 +776,16 @@ impl Syncer {
         disk.state.store(p)?;
         Ok(())
     }
+}
+
+/// Takes the trace hand-over out of the disk's state (durably), if there is one.
+fn take_handover(disk: &mut DiskCtx) -> anyhow::Result<Option<crate::trace::Handover>> {
+    let mut p = disk.state.get().clone();
+    let Some(h) = p.trace_handover.take() else {
+        return Ok(None);
+    };
+    disk.state.store(p)?;
+    Ok(Some(h))
 }
 
 pub(crate) fn set_tracking(disk: &mut DiskCtx, on: bool) -> anyhow::Result<()> {

@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use boomerang_common::config::now_ms;
-use boomerang_common::delta::ExtentEncoder;
+use boomerang_common::delta::{ExtentEncoder, MAX_EXTENT_LEN};
 use boomerang_common::message::{Action, TagKind};
-use boomerang_common::{ChunkHash, Extent};
+use boomerang_common::{ChunkHash, Codec, Extent};
+use bytes::Bytes;
 use tracing::{error, info, warn};
 
 use crate::control::{Decision, DuePoint, PointSchedule, TrackStop, DECISION_MARGIN};
@@ -198,6 +199,7 @@ impl Syncer {
             }
         };
         drop(directives);
+        report.scan_bytes_read = served.iter().map(|s| s.disk.report.bytes_read).sum();
         match result {
             Ok(TrackStop::Forgotten) => {
                 // Nothing more is shipped: the replicas belong to the failover now.
@@ -230,6 +232,9 @@ impl Syncer {
         // Stop serving first (no more writes), then ship what is left.
         for s in &mut served {
             if let Some(i) = s.intercept.take() {
+                let stats = i.stats();
+                report.discards += stats.discards;
+                report.bytes_discarded += stats.bytes_discarded;
                 if let Err(e) = i.stop() {
                     warn!(disk = %s.disk.id, error = %e, "unmounting the served disk");
                 }
@@ -504,7 +509,7 @@ impl Syncer {
     }
 
     /// Turns journal records into batches (extents of at most a chunk, hashed and
-    /// compressed, in journal order) and tags.
+    /// compressed, in journal order; zero records as zero extents) and tags.
     async fn journal_items(
         &self,
         records: Vec<crate::journal::Record>,
@@ -514,6 +519,7 @@ impl Syncer {
         let level = self.config.compression_level;
         tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Item>> {
             let mut encoder = ExtentEncoder::new(level).map_err(|e| anyhow!("zstd: {e}"))?;
+            let mut zero_hashes: Vec<(u32, ChunkHash)> = Vec::new();
             let mut items = Vec::new();
             let mut batch: Vec<Extent> = Vec::new();
             let mut raw = 0u64;
@@ -528,6 +534,36 @@ impl Syncer {
                             let at = offset + (i * chunk) as u64;
                             batch.push(encoder.encode(at, piece, ChunkHash::of(piece)));
                             raw += piece.len() as u64;
+                        }
+                    }
+                    Entry::Zero { offset, len, .. } => {
+                        // Zero extents carry no payload; split to the wire's extent cap.
+                        let end = offset.saturating_add(len);
+                        let mut at = offset;
+                        while at < end {
+                            let n = u32::try_from((end - at).min(u64::from(MAX_EXTENT_LEN)))
+                                .unwrap_or(MAX_EXTENT_LEN);
+                            if raw + u64::from(n) > batch_raw && !batch.is_empty() {
+                                items.push(Item::Batch(std::mem::take(&mut batch)));
+                                raw = 0;
+                            }
+                            let hash = match zero_hashes.iter().find(|(l, _)| *l == n) {
+                                Some((_, h)) => *h,
+                                None => {
+                                    let h = ChunkHash::of_zeros(n as usize);
+                                    zero_hashes.push((n, h));
+                                    h
+                                }
+                            };
+                            batch.push(Extent {
+                                offset: at,
+                                len: n,
+                                hash,
+                                codec: Codec::Zero,
+                                payload: Bytes::new(),
+                            });
+                            raw += u64::from(n);
+                            at += u64::from(n);
                         }
                     }
                     Entry::Tag {

@@ -9,8 +9,10 @@
 //!
 //! Also: a journal too small for the workload drops the disk to bitmap mode (no
 //! crash-consistent tag while the write order is lost) and back once it caught up;
-//! and a kill -9 while serving leaves a dead FUSE mount that a restart refuses with
-//! the `umount -l` to run, after which the restart starts a new generation.
+//! a kill -9 while serving leaves a dead FUSE mount that a restart refuses with
+//! the `umount -l` to run, after which the restart starts a new generation; and the
+//! discards of an ext4 mounted `-o discard` (and of `fstrim`) punch holes in the
+//! backing image through the served file and reach the replica as zeros.
 //!
 //! Privileged: needs root, loop devices, ext4 tools and `/dev/fuse`. Without them each
 //! test prints `SKIPPED` and returns; with `BOOMERANG_PRIVILEGED_TESTS=1` a missing
@@ -874,6 +876,108 @@ fn a_tiny_journal_drops_to_bitmap_mode_and_recovers() {
 /// a restart refuses it naming `umount -l`; after `umount -l` the restart starts a new
 /// generation (unclean stop: resync by scan) and, used again and stopped cleanly, the
 /// replica equals the backing image.
+/// ext4 mounted `-o discard` on the loop device over the served file: deleting files
+/// (and `fstrim`) sends discards, which the loop device turns into punched holes of
+/// the served file. The agent punches them in the backing image, journals them as
+/// zero records in write order and ships them as zero extents: at the next tag the
+/// replica equals the backing image, holes included.
+#[test]
+fn discards_are_journaled_and_reach_the_replica() {
+    if !gate("discards_are_journaled_and_reach_the_replica") {
+        return;
+    }
+    const FILES_MIB: u64 = 48;
+    let started = Instant::now();
+    let fx = Fixture::new();
+    let mut agent = fx.spawn_track(&[]);
+    let served = fx.wait_serving(&mut agent);
+    let dev = LoopDevice::attach(&served);
+    mkfs_ext4(dev.path());
+    let mount = Mount::with_options(dev.path(), &fx.cluster.root().join("mnt"), "rw,discard");
+
+    // Files that reach the replica as data first.
+    let doomed = mount.dir().join("doomed");
+    std::fs::create_dir_all(&doomed).unwrap_or_else(|e| panic!("mkdir {}: {e}", doomed.display()));
+    write_tree(&doomed, 41, FILES_MIB * MIB);
+    let kept = mount.dir().join("kept");
+    std::fs::create_dir_all(&kept).unwrap_or_else(|e| panic!("mkdir {}: {e}", kept.display()));
+    write_tree(&kept, 42, 8 * MIB);
+    sync_all();
+    let written_ms = now_ms();
+    fx.wait_line(
+        &mut agent,
+        CUT_TIMEOUT,
+        "a crash-consistent cut with the files written",
+        |l| l.is_crash_cut_after(written_ms),
+    );
+    let allocated_before = allocated_bytes(&fx.backing);
+
+    // Delete them: ext4 discards the freed extents at its next commit; then fstrim
+    // discards whatever else is free.
+    std::fs::remove_dir_all(&doomed).unwrap_or_else(|e| panic!("rm -r {}: {e}", doomed.display()));
+    sync_all();
+    let trim = find_tool("fstrim").map(|t| {
+        let out = run(Command::new(t).arg("-v").arg(mount.dir()));
+        format!(
+            "{} {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    });
+    sync_all();
+    mount.unmount();
+    dev.detach();
+    let allocated_after = allocated_bytes(&fx.backing);
+    let detached_ms = now_ms();
+    let line = fx.wait_line(
+        &mut agent,
+        CUT_TIMEOUT,
+        "a crash-consistent cut taken after the loop device was detached",
+        |l| l.is_crash_cut_after(detached_ms),
+    );
+    assert!(line.consistent && line.generation == 1, "{line:?}");
+    fx.assert_replica_equal("at a crash-consistent cut after the discards", &agent);
+
+    let (report, took) = fx.stop(&mut agent);
+    fx.assert_replica_equal("after a clean stop", &agent);
+    if let Err(e) = e2fsck_clean(&fx.replica()) {
+        panic!(
+            "the replica's filesystem is not clean:
+{e}"
+        );
+    }
+    let (discards, discarded) = (uint(&report, "discards"), uint(&report, "bytes_discarded"));
+    eprintln!(
+        "discards: {discards} requests, {discarded} bytes journaled and shipped as zeros; \
+         backing image allocated {allocated_before} -> {allocated_after} bytes; fstrim: {trim:?}; \
+         stopped in {took:?}; report {report}"
+    );
+    assert!(discards > 0, "no discard reached the agent: {report}");
+    assert!(
+        discarded >= FILES_MIB * MIB / 2,
+        "deleting {FILES_MIB} MiB of files discarded only {discarded} bytes: {report}"
+    );
+    assert!(
+        allocated_after + FILES_MIB * MIB / 2 <= allocated_before,
+        "the discards did not punch holes in the backing image: {allocated_before} -> {allocated_after} bytes allocated"
+    );
+    assert_eq!(uint(&report, "resyncs"), 0, "{report}");
+    eprintln!(
+        "discards_are_journaled_and_reach_the_replica took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Bytes of `path` allocated on its filesystem (`st_blocks` * 512).
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .blocks()
+        * 512
+}
+
 #[test]
 fn kill9_while_serving_then_restart() {
     if !gate("kill9_while_serving_then_restart") {

@@ -6,7 +6,11 @@
 //! both start a new generation whose resync moves only what differs; a kill -9 during
 //! the first scan pass must not resume that pass as if its tracer had survived; a
 //! point that cannot freeze (someone else holds the filesystem frozen) is abandoned
-//! without ending the tracking.
+//! without ending the tracking. A clean stop hands the trace instance over: the next
+//! start adopts it and ships what was written meanwhile without a rescan, unless the
+//! instance's ring buffer overflowed while the agent was down (then it rescans).
+//! App-consistent points are checked against the device's content hashed inside
+//! their freeze window, through `boomerang-mt test-failover`.
 //!
 //! Privileged: needs root, loop devices, ext4 tools, fsfreeze and a usable tracefs.
 //! Without them each test prints `SKIPPED` and returns; with
@@ -19,7 +23,9 @@
 //! filesystem itself, sends SIGTERM (the agent drains its tracer and ships what is
 //! still dirty), waits for the master target to apply everything the agent's state
 //! says it shipped, and compares the device (read with O_DIRECT, past the block
-//! device's page cache) with the replica while the filesystem is still frozen.
+//! device's page cache) with the replica while the filesystem is still frozen. The
+//! stopped agent leaves its trace instance (`instances/boomerang-<major>-<minor>`)
+//! tracing the device for the next start; the fixture removes it at the end.
 
 #[path = "support/status.rs"]
 mod status;
@@ -40,7 +46,7 @@ use boomerang_common::config::now_ms;
 use boomerang_common::durable::StateFile;
 use boomerang_tests::cli::{self, AgentSyncArgs, CUT_APP_CONSISTENT};
 use boomerang_tests::cluster::boomerang_command;
-use boomerang_tests::disk::byte_size;
+use boomerang_tests::disk::{byte_size, sha256_file};
 use boomerang_tests::privileged::{find_tool, privileged_tests_required, PRIVILEGED_ENV};
 use boomerang_tests::process::run;
 use boomerang_tests::rng::{fill_text, DataRng};
@@ -82,7 +88,8 @@ const WORK_DIR: &str = "work";
 const WRITER_LIVE_LIMIT: u64 = 48 * MIB;
 /// Where tracefs lives when nobody mounted it (the agent mounts it there).
 const DEFAULT_TRACEFS: &str = "/sys/kernel/tracing";
-/// The agent's trace instances: `instances/boomerang-<pid>-<major>-<minor>`.
+/// The agent's trace instances: `instances/boomerang-<major>-<minor>`, one per device
+/// (older agents named theirs `boomerang-<pid>-<major>-<minor>`).
 const INSTANCE_PREFIX: &str = "boomerang-";
 
 // ---------------------------------------------------------------------------------
@@ -153,60 +160,56 @@ fn tracefs_usable() -> Result<(), String> {
         .map_err(|e| format!("cannot remove the trace instance {}: {e}", probe.display()))
 }
 
-/// The tracefs instances of agent process `pid`.
-fn instances_of(pid: u32) -> Vec<PathBuf> {
-    let Some(root) = tracefs_mount() else {
+/// The agent's trace instance of block device `dev` (whether it exists or not).
+fn instance_of(dev: &Path) -> PathBuf {
+    let (major, minor) = major_minor(dev);
+    tracefs_mount()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_TRACEFS))
+        .join("instances")
+        .join(format!("{INSTANCE_PREFIX}{major}-{minor}"))
+}
+
+/// The processes holding a file of the trace instance `dir` open (its reader).
+fn instance_holders(dir: &Path) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let prefix = format!("{INSTANCE_PREFIX}{pid}-");
-    std::fs::read_dir(root.join("instances"))
-        .map(|dir| {
-            dir.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-                .map(|e| e.path())
-                .collect()
+    procs
+        .filter_map(Result::ok)
+        .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.filter_map(Result::ok)
+                    .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                    .any(|target| target.starts_with(dir))
+            })
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------
 // Guards and the writer
 
-/// Removes, on drop, the trace instances that dead agents left for a device (an agent
-/// killed by the test or by a failing test's cleanup cannot remove its own; the next
-/// agent would). Declare it before the agents so it drops after them.
+/// Removes, on drop, the trace instance an agent left for a device: handed over by a
+/// clean stop, or left by an agent the test killed (the next agent would replace
+/// either). Declare it before the agents so it drops after them.
 #[derive(Debug)]
 struct SweepInstances {
-    major: u64,
-    minor: u64,
+    dir: PathBuf,
 }
 
 impl SweepInstances {
     fn for_device(dev: &Path) -> SweepInstances {
-        let (major, minor) = major_minor(dev);
-        SweepInstances { major, minor }
+        SweepInstances {
+            dir: instance_of(dev),
+        }
     }
 }
 
 impl Drop for SweepInstances {
     fn drop(&mut self) {
-        let Some(root) = tracefs_mount() else { return };
-        let Ok(dir) = std::fs::read_dir(root.join("instances")) else {
-            return;
-        };
-        let suffix = format!("-{}-{}", self.major, self.minor);
-        for entry in dir.filter_map(Result::ok) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name
-                .strip_prefix(INSTANCE_PREFIX)
-                .and_then(|rest| rest.strip_suffix(&suffix))
-            else {
-                continue;
-            };
-            if !Path::new("/proc").join(pid).exists() {
-                let _ = std::fs::remove_dir(entry.path());
-            }
-        }
+        // A bare rmdir: refused while an agent still reads it.
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -250,7 +253,45 @@ struct WriterStats {
 struct Writer {
     mountpoint: PathBuf,
     stop: Arc<AtomicBool>,
+    pause: Arc<WriterPause>,
     handle: Option<thread::JoinHandle<WriterStats>>,
+}
+
+/// Holds a [`Writer`] between two operations: `wanted` asks, `holding` answers once
+/// the writer has finished its operation (and its fsync) and waits.
+#[derive(Debug, Default)]
+struct WriterPause {
+    wanted: AtomicBool,
+    holding: AtomicBool,
+}
+
+impl WriterPause {
+    /// Asks the writer to pause and waits until it does; false if it did not within
+    /// `timeout`.
+    fn hold(&self, timeout: Duration) -> bool {
+        self.wanted.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        while !self.holding.load(Ordering::SeqCst) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+
+    fn release(&self) {
+        self.wanted.store(false, Ordering::SeqCst);
+    }
+
+    /// The writer's side: waits here while a pause is wanted.
+    fn wait_if_wanted(&self, stop: &AtomicBool) {
+        while self.wanted.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+            self.holding.store(true, Ordering::SeqCst);
+            thread::sleep(Duration::from_micros(200));
+        }
+        self.holding.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Writer {
@@ -261,16 +302,24 @@ impl Writer {
             std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
         }
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(WriterPause::default());
         let handle = {
             let stop = stop.clone();
+            let pause = pause.clone();
             let mountpoint = mountpoint.to_path_buf();
-            thread::spawn(move || write_loop(&mountpoint, &dir, seed, trim_after, &stop))
+            thread::spawn(move || write_loop(&mountpoint, &dir, seed, trim_after, &stop, &pause))
         };
         Writer {
             mountpoint: mountpoint.to_path_buf(),
             stop,
+            pause,
             handle: Some(handle),
         }
+    }
+
+    /// The writer's pause control, for another thread.
+    fn pause_control(&self) -> Arc<WriterPause> {
+        self.pause.clone()
     }
 
     /// Stops the writer and returns what it did (re-raising its panic).
@@ -301,6 +350,7 @@ fn write_loop(
     seed: u64,
     trim_after: Option<Duration>,
     stop: &AtomicBool,
+    pause: &WriterPause,
 ) -> WriterStats {
     let mut rng = DataRng::new(seed);
     let mut stats = WriterStats::default();
@@ -310,6 +360,7 @@ fn write_loop(
     let started = Instant::now();
     let mut n = 0u64;
     while !stop.load(Ordering::SeqCst) {
+        pause.wait_if_wanted(stop);
         if stats.trim.is_none() && trim_after.is_some_and(|t| started.elapsed() >= t) {
             stats.trim = Some(fstrim(mountpoint));
         }
@@ -513,19 +564,31 @@ impl Fixture {
         self.wait_while_tracking(agent, POINT_WAIT, "a fresh consistency point", |l| {
             l.point_id.is_some() && l.point_id != before
         });
-        let pid = agent.pid();
         let frozen = self.mount.freeze();
         let (report, exit_after) = status::sigterm_track(agent, STOP_TIMEOUT);
-        assert!(
-            instances_of(pid).is_empty(),
-            "the agent left its trace instance behind: {:?}",
-            instances_of(pid)
-        );
 
         let state = self.agent_state();
         assert_eq!(
             state["tracking"], false,
             "a clean stop clears the tracking flag: {state}"
+        );
+        // The trace instance is handed over: recorded in the state, still there, and
+        // read by nobody until the next start adopts it.
+        let instance = instance_of(self.dev.path());
+        let name = instance
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        assert_eq!(
+            state["trace_handover"]["instance"], name,
+            "a clean stop hands the trace instance over: {state}"
+        );
+        assert_eq!(uint(&report, "handed_over"), 1, "{report}");
+        assert!(
+            instance.is_dir() && instance_holders(&instance).is_empty(),
+            "the handed-over instance {} must stay, held by nobody (holders {:?})",
+            instance.display(),
+            instance_holders(&instance)
         );
         let generation = state["generation"].as_u64().expect("generation in state");
         let next_seq = state["next_seq"].as_u64().expect("next_seq in state");
@@ -571,10 +634,22 @@ impl Fixture {
 /// `boomerang-agent track` with the arguments of `args` (a sync command line) and the
 /// given point intervals.
 fn spawn_track(cluster: &Cluster, args: &AgentSyncArgs, crash: &str, app: &str) -> AgentProcess {
+    spawn_track_with(cluster, args, crash, app, &[])
+}
+
+/// [`spawn_track`] with more flags.
+fn spawn_track_with(
+    cluster: &Cluster,
+    args: &AgentSyncArgs,
+    crash: &str,
+    app: &str,
+    extra: &[&str],
+) -> AgentProcess {
     let mut argv = args.to_args();
     assert_eq!(argv[0], "sync", "AgentSyncArgs starts with its subcommand");
     argv[0] = "track".into();
     argv.extend(["--crash-interval", crash, "--app-interval", app].map(OsString::from));
+    argv.extend(extra.iter().map(OsString::from));
     AgentProcess::spawn_command(cluster, &args.name, boomerang_command(cli::AGENT_BIN, argv))
 }
 
@@ -754,18 +829,14 @@ fn lost_trace_events_start_a_new_generation() {
     thread::sleep(Duration::from_millis(1500));
     agent.assert_running("before its trace event is disabled");
 
-    let (major, minor) = major_minor(fx.dev.path());
-    let tracefs = tracefs_mount().expect("the agent runs, so tracefs is mounted");
-    let instance = tracefs
-        .join("instances")
-        .join(format!("{INSTANCE_PREFIX}{}-{major}-{minor}", agent.pid()));
+    let instance = instance_of(fx.dev.path());
     let enable = instance.join("events/block/block_bio_queue/enable");
     assert!(
         enable.is_file(),
-        "the agent's trace instance {} has no event enable file (instances: {:?})",
+        "the agent's trace instance {} has no event enable file",
         instance.display(),
-        instances_of(agent.pid())
     );
+    assert_eq!(instance_holders(&instance), vec![agent.pid()]);
     std::fs::write(&enable, "0").unwrap_or_else(|e| panic!("write {}: {e}", enable.display()));
     let disabled = Instant::now();
 
@@ -828,10 +899,14 @@ fn kill9_during_writes_resyncs_only_what_differs() {
         state["tracking"], true,
         "after kill -9 the tracking flag stays set: {state}"
     );
-    eprintln!(
-        "killed the tracking agent (pid {pid1}); left frozen: {was_frozen}; stale instances {:?}",
-        instances_of(pid1)
+    let instance = instance_of(fx.dev.path());
+    assert!(
+        instance.is_dir() && instance_holders(&instance).is_empty(),
+        "a killed agent leaves its instance, held by nobody: {} (holders {:?})",
+        instance.display(),
+        instance_holders(&instance)
     );
+    eprintln!("killed the tracking agent (pid {pid1}); left frozen: {was_frozen}");
 
     // 2. A tracking restart starts a new generation (writes still going on).
     let before_restart = fx.line().expect("d0 known");
@@ -845,10 +920,17 @@ fn kill9_during_writes_resyncs_only_what_differs() {
         gen2.generation,
         restarted.elapsed()
     );
+    // Not handed over (killed): replaced by the new agent's, never adopted.
+    assert_eq!(
+        instance_holders(&instance),
+        vec![agent.pid()],
+        "the restarted agent reads the device's instance"
+    );
+    let log = std::fs::read_to_string(fx.cluster.logs_dir().join(format!("agent-{AGENT}.log")))
+        .unwrap_or_default();
     assert!(
-        instances_of(pid1).is_empty(),
-        "the restart did not remove the killed agent's trace instance: {:?}",
-        instances_of(pid1)
+        log.contains("removed a trace instance nobody held") && !log.contains("adopted the trace"),
+        "the killed agent's instance must be replaced, not adopted"
     );
     assert!(
         restart_applied < DISK_SIZE / 4,
@@ -1094,6 +1176,622 @@ fn kill9_during_the_first_scan_pass_does_not_lose_writes_to_scanned_units() {
         line.generation, 2,
         "an agent killed while its tracer covered a pass resyncs in a new generation"
     );
+}
+
+/// A clean stop hands the trace instance over; files written, overwritten and deleted
+/// while the agent is down reach the replica at the next start from what the instance
+/// buffered meanwhile, without a rescan and in the same generation.
+#[test]
+fn a_clean_restart_adopts_the_trace_instance_without_a_rescan() {
+    if !gate("a_clean_restart_adopts_the_trace_instance_without_a_rescan") {
+        return;
+    }
+    let started = Instant::now();
+    let fx = Fixture::new();
+    let _thaw = ThawOnDrop(fx.mnt().to_path_buf());
+    write_base_tree(fx.mnt(), 71, 24 * MIB);
+
+    // 1. Track under writes, then stop cleanly (SIGTERM).
+    let mut agent = fx.spawn_track();
+    let writer = Writer::start(fx.mnt(), 72, None);
+    fx.wait_first_pass(&mut agent, 1, None);
+    thread::sleep(Duration::from_millis(2000));
+    let stats = writer.finish();
+    eprintln!("writer while tracking: {stats:?}");
+    let first = fx.stop_and_compare(&mut agent);
+    assert!(
+        uint(&first, "scan_bytes_read") >= DISK_SIZE / 2,
+        "the first start scans the disk: {first}"
+    );
+
+    // 2. While the agent is down: create, overwrite, delete, and write it all back.
+    let writer = Writer::start(fx.mnt(), 73, None);
+    thread::sleep(Duration::from_millis(3000));
+    let down = writer.finish();
+    sync_fs(fx.mnt());
+    eprintln!("writer while the agent was down: {down:?}");
+    let before = fx.line().expect("d0 known");
+
+    // 3. Start again: the instance is adopted, its backlog shipped, no scan.
+    let restarted_ms = now_ms();
+    let restarted = Instant::now();
+    let mut agent = fx.spawn_track();
+    let resumed = fx.wait_while_tracking(
+        &mut agent,
+        POINT_WAIT,
+        "a consistency point after the restart",
+        |l| l.point_id.is_some_and(|p| p > restarted_ms),
+    );
+    let point_after = restarted.elapsed();
+    assert_eq!(
+        resumed.generation, before.generation,
+        "a clean restart keeps the generation: {resumed:?}"
+    );
+    assert_eq!(
+        instance_holders(&instance_of(fx.dev.path())),
+        vec![agent.pid()],
+        "the restarted agent reads the handed-over instance"
+    );
+    let report = fx.stop_and_compare(&mut agent);
+    let scanned = uint(&report, "scan_bytes_read");
+    let backlog = uint(&report, "backlog_bytes");
+    eprintln!(
+        "restart: adopted {}, scan read {scanned} of {DISK_SIZE} bytes, backlog {backlog} bytes \
+         ({} bytes written while down), backlog durable after {} ms, first point applied \
+         after {point_after:?}; not adopted: {}",
+        report["adopted"], down.bytes, report["resume_ms"], report["not_adopted"]
+    );
+    assert_eq!(uint(&report, "adopted"), 1, "{report}");
+    assert_eq!(scanned, 0, "a clean restart must not rescan: {report}");
+    assert!(
+        backlog > 0 && backlog < DISK_SIZE / 4,
+        "the changes made while down were shipped from the backlog: {report}"
+    );
+    assert_eq!(uint(&report, "resyncs"), 0, "{report}");
+    let line = fx.line().expect("d0 known");
+    assert_eq!(line.generation, before.generation, "{line:?}");
+    let applied = line.bytes_applied - before.bytes_applied;
+    assert!(
+        applied < DISK_SIZE / 4,
+        "the restart applied {applied} bytes of a {DISK_SIZE}-byte disk"
+    );
+    fx.check_replica_files();
+    eprintln!(
+        "a_clean_restart_adopts_the_trace_instance_without_a_rescan took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Too many writes while the agent is down for the instance's ring buffer: the
+/// overwritten events are found at the next start, which then rescans against the
+/// replica (same generation, as a start without a hand-over does) instead of adopting.
+#[test]
+fn an_overflow_while_down_falls_back_to_a_rescan() {
+    if !gate("an_overflow_while_down_falls_back_to_a_rescan") {
+        return;
+    }
+    /// Per cpu: a few thousand block events.
+    const SMALL_BUFFER: &[&str] = &["--trace-buffer-kb", "256"];
+    const BURST_FILE_MIB: u64 = 16;
+    let started = Instant::now();
+    let fx = Fixture::new();
+    let _thaw = ThawOnDrop(fx.mnt().to_path_buf());
+    write_base_tree(fx.mnt(), 81, 8 * MIB);
+    let burst = fx.mnt().join("burst.bin");
+    write_zeros(&burst, BURST_FILE_MIB * MIB);
+    sync_fs(fx.mnt());
+    let spawn = || {
+        spawn_track_with(
+            &fx.cluster,
+            &fx.agent_args(),
+            CRASH_INTERVAL,
+            APP_INTERVAL,
+            SMALL_BUFFER,
+        )
+    };
+
+    let mut agent = spawn();
+    fx.wait_first_pass(&mut agent, 1, None);
+    let first = fx.stop_and_compare(&mut agent);
+    assert_eq!(uint(&first, "resyncs"), 0, "{first}");
+
+    // Far more bios than the buffer holds, while nobody reads it.
+    let bios = direct_overwrites(&burst, 20_000, 82);
+    let before = fx.line().expect("d0 known");
+    let mut agent = spawn();
+    let restarted_ms = now_ms();
+    fx.wait_while_tracking(
+        &mut agent,
+        POINT_WAIT,
+        "a consistency point after the restart",
+        |l| l.point_id.is_some_and(|p| p > restarted_ms),
+    );
+    let report = fx.stop_and_compare(&mut agent);
+    let why = report["not_adopted"].to_string();
+    eprintln!(
+        "{bios} O_DIRECT writes while down; restart: adopted {}, scan read {} bytes, not adopted: {why}",
+        report["adopted"], report["scan_bytes_read"]
+    );
+    assert_eq!(uint(&report, "adopted"), 0, "{report}");
+    assert!(
+        why.contains("overwritten"),
+        "the overflow is named as the reason: {report}"
+    );
+    assert!(
+        uint(&report, "scan_bytes_read") >= DISK_SIZE / 2,
+        "the restart rescans the disk: {report}"
+    );
+    assert_eq!(uint(&report, "resyncs"), 0, "{report}");
+    assert_eq!(
+        fx.line().expect("d0 known").generation,
+        before.generation,
+        "a rescan after a clean stop keeps the generation"
+    );
+    fx.check_replica_files();
+    eprintln!(
+        "an_overflow_while_down_falls_back_to_a_rescan took {:?}",
+        started.elapsed()
+    );
+}
+
+/// The issue's trace test: a writer keeps changing files while the agent takes
+/// app-consistent points every few seconds through its freeze and thaw hooks. The
+/// freeze hook holds the writer still (between two of its operations) and the test
+/// then watches the device: once the agent's fsfreeze has committed the superblock
+/// (its needs_recovery flag cleared on disk, which only a frozen or unmounted ext4
+/// has), the test stops the agent's process (SIGSTOP) inside its freeze window,
+/// hashes the whole device with O_DIRECT, checks the flag is still clear (so the
+/// filesystem stayed frozen for the whole hash) and lets the agent go on. The thaw
+/// hook lets the writer go on. Each hash is mapped to the app-consistent point tagged
+/// right after its thaw, that point is materialized with `boomerang-mt test-failover`
+/// into a scratch image, and the image must hash the same and pass `e2fsck -fn`.
+#[test]
+fn app_consistent_points_hold_the_content_frozen_at_their_cut() {
+    if !gate("app_consistent_points_hold_the_content_frozen_at_their_cut") {
+        return;
+    }
+    const WANTED: usize = 4;
+    const RUN_FOR: Duration = Duration::from_secs(90);
+    let started = Instant::now();
+    let fx = Fixture::new();
+    let _thaw = ThawOnDrop(fx.mnt().to_path_buf());
+    write_base_tree(fx.mnt(), 91, 16 * MIB);
+    let hooks = fx.cluster.root().join("hooks");
+    std::fs::create_dir_all(&hooks).unwrap_or_else(|e| panic!("mkdir {}: {e}", hooks.display()));
+    let freeze_hook = hook_command(&hooks, "freeze");
+    let thaw_hook = hook_command(&hooks, "thaw");
+    // Only app-consistent points on their interval (the crash one after the scan has
+    // no hooks); the pause deadline leaves room for hashing the device while frozen.
+    let mut agent = spawn_track_with(
+        &fx.cluster,
+        &fx.agent_args(),
+        "3600",
+        "3",
+        &[
+            "--freeze-hook",
+            &freeze_hook,
+            "--thaw-hook",
+            &thaw_hook,
+            "--pause-deadline",
+            "10",
+        ],
+    );
+    let writer = Writer::start(fx.mnt(), 92, None);
+    let samples: Arc<std::sync::Mutex<Vec<FrozenSample>>> = Arc::default();
+    let stop_watching = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (hooks, dev) = (hooks.clone(), fx.dev.path().to_path_buf());
+        let (pause, pid) = (writer.pause_control(), agent.pid());
+        let (samples, stop) = (samples.clone(), stop_watching.clone());
+        thread::spawn(move || watch_freeze_windows(&hooks, &dev, pid, &pause, &samples, &stop))
+    };
+    fx.wait_first_pass(&mut agent, 1, None);
+    let deadline = Instant::now() + RUN_FOR;
+    let hashed = |s: &[FrozenSample]| {
+        s.iter()
+            .filter(|x| x.hash.is_some() && x.thawed_ms.is_some())
+            .count()
+    };
+    loop {
+        agent.assert_running("while app-consistent points are taken");
+        let n = hashed(&lock(&samples));
+        if n >= WANTED {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {n} frozen windows hashed in {RUN_FOR:?}: {:?}\n{}",
+            lock(&samples),
+            agent.log_tail(40)
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let stats = writer.finish();
+    // The watcher answers the hooks until the agent is gone.
+    let (report, _) = status::sigterm_track(&mut agent, STOP_TIMEOUT);
+    stop_watching.store(true, Ordering::SeqCst);
+    if watcher.join().is_err() {
+        panic!("the freeze window watcher panicked");
+    }
+    let state = fx.agent_state();
+    let generation = state["generation"].as_u64().expect("generation in state");
+    let next_seq = state["next_seq"].as_u64().expect("next_seq in state");
+    status::wait_applied(&fx.cluster, DISK, generation, next_seq, STOP_TIMEOUT);
+    let samples = lock(&samples).clone();
+    let (median, max, pauses) = pause_figures(&report);
+    eprintln!(
+        "writer: {stats:?}; {} freeze windows, {} hashed; pauses {pauses}: median {median:.0} ms, max {max:.0} ms; report {report}",
+        samples.len(),
+        hashed(&samples)
+    );
+
+    // Each hashed window's point: the app-consistent one tagged right after its thaw.
+    let group = AGENT; // the agent's group defaults to its name
+    let points: Vec<_> = fx
+        .cluster
+        .mt_points(group)
+        .into_iter()
+        .filter(|p| p.kind == CUT_APP_CONSISTENT)
+        .collect();
+    let mut checked = 0;
+    for (i, sample) in samples.iter().enumerate() {
+        let (Some(hash), Some(thawed)) = (&sample.hash, sample.thawed_ms) else {
+            eprintln!(
+                "window at {}: not hashed ({:?})",
+                sample.asked_ms, sample.missed
+            );
+            continue;
+        };
+        let next = samples.get(i + 1).map_or(u64::MAX, |n| n.asked_ms);
+        let matching: Vec<_> = points
+            .iter()
+            .filter(|p| p.time_ms >= thawed && p.time_ms < next.min(thawed + 5_000))
+            .collect();
+        assert!(
+            matching.len() <= 1,
+            "several app-consistent points after the thaw at {thawed}: {matching:?}"
+        );
+        let Some(point) = matching.first() else {
+            eprintln!("window thawed at {thawed}: no app-consistent point (abandoned?)");
+            continue;
+        };
+        let scratch = fx.cluster.root().join(format!("point-{}.img", point.id));
+        fx.cluster.mt_op(
+            "test-failover",
+            group,
+            &cli::point_to_args(
+                &point.id.to_string(),
+                &[(DISK.to_string(), scratch.clone())],
+            ),
+        );
+        let got = sha256_file(&scratch);
+        assert_eq!(
+            &got, hash,
+            "point {} (time {}) does not hold the content hashed inside its freeze window \
+             (frozen {}..{thawed} ms)",
+            point.id, point.time_ms, sample.asked_ms
+        );
+        if let Err(e) = e2fsck_clean(&scratch) {
+            panic!("the filesystem of point {} is not clean:\n{e}", point.id);
+        }
+        eprintln!(
+            "point {} ({} ms after the thaw): sha256 {} equals the frozen device (hashed in {:.0} ms while the agent was held); e2fsck clean",
+            point.id,
+            point.time_ms - thawed,
+            &got[..16],
+            sample.hash_ms
+        );
+        let _ = std::fs::remove_file(&scratch);
+        checked += 1;
+    }
+    assert!(
+        checked >= 3,
+        "only {checked} app-consistent points could be checked against a frozen hash: {samples:?} {points:?}"
+    );
+    eprintln!(
+        "app_consistent_points_hold_the_content_frozen_at_their_cut: {checked} points checked, took {:?}",
+        started.elapsed()
+    );
+}
+
+/// One freeze window as the test saw it.
+#[derive(Debug, Clone, Default)]
+struct FrozenSample {
+    /// When the freeze hook asked (ms since the epoch), the writer held.
+    asked_ms: u64,
+    /// When the thaw hook asked.
+    thawed_ms: Option<u64>,
+    /// sha256 of the device, read while the filesystem stayed frozen.
+    hash: Option<String>,
+    /// Why there is no hash.
+    missed: Option<String>,
+    /// How long the hash held the agent.
+    hash_ms: f64,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A hook command (`sh -c`) that announces `<dir>/<kind>.<ns>` and waits until the
+/// test answers with `<kind>.<ns>.ack`.
+fn hook_command(dir: &Path, kind: &str) -> String {
+    let d = dir.display();
+    format!(
+        "n=$(date +%s%N); : > '{d}/{kind}.'$n; \
+         while [ ! -e '{d}/{kind}.'$n.ack ]; do sleep 0.002; done"
+    )
+}
+
+/// Hook requests in `dir` not answered yet, oldest first.
+fn hook_requests(dir: &Path, answered: &std::collections::BTreeSet<String>) -> Vec<String> {
+    let mut out: Vec<(u128, String)> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| !n.ends_with(".ack") && !answered.contains(n))
+                .filter_map(|n| Some((n.split_once('.')?.1.parse().ok()?, n)))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out.into_iter().map(|(_, n)| n).collect()
+}
+
+fn answer_hook(dir: &Path, name: &str) {
+    let ack = dir.join(format!("{name}.ack"));
+    File::create(&ack).unwrap_or_else(|e| panic!("create {}: {e}", ack.display()));
+}
+
+/// Answers the agent's freeze and thaw hooks until `stop`: at a freeze, holds the
+/// writer, answers, and hashes the device inside the agent's freeze window (see
+/// [`hash_frozen_window`]); at a thaw, lets the writer go and answers.
+fn watch_freeze_windows(
+    hooks: &Path,
+    dev: &Path,
+    agent_pid: u32,
+    pause: &WriterPause,
+    samples: &std::sync::Mutex<Vec<FrozenSample>>,
+    stop: &AtomicBool,
+) {
+    let mut answered = std::collections::BTreeSet::new();
+    let mut probe = SuperblockProbe::open(dev);
+    while !stop.load(Ordering::SeqCst) {
+        let requests = hook_requests(hooks, &answered);
+        if requests.is_empty() {
+            thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        for name in requests {
+            answered.insert(name.clone());
+            if name.starts_with("freeze.") {
+                let held = pause.hold(Duration::from_secs(5));
+                let mut sample = FrozenSample {
+                    asked_ms: now_ms(),
+                    ..FrozenSample::default()
+                };
+                answer_hook(hooks, &name);
+                if held {
+                    hash_frozen_window(&mut probe, dev, agent_pid, hooks, &answered, &mut sample);
+                } else {
+                    sample.missed = Some("the writer did not pause".into());
+                }
+                lock(samples).push(sample);
+            } else {
+                if let Some(last) = lock(samples).last_mut() {
+                    last.thawed_ms.get_or_insert_with(now_ms);
+                }
+                pause.release();
+                answer_hook(hooks, &name);
+            }
+        }
+    }
+    pause.release();
+}
+
+/// Waits for the agent's fsfreeze (the superblock's needs_recovery flag cleared on
+/// the device), holds the agent (SIGSTOP) so its window cannot end, and hashes the
+/// device if the filesystem is still frozen before and after the hash.
+fn hash_frozen_window(
+    probe: &mut SuperblockProbe,
+    dev: &Path,
+    agent_pid: u32,
+    hooks: &Path,
+    answered: &std::collections::BTreeSet<String>,
+    sample: &mut FrozenSample,
+) {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut polls = 0u32;
+    while probe.needs_recovery() {
+        polls += 1;
+        if Instant::now() >= deadline {
+            sample.missed = Some("no freeze seen within 8 s".into());
+            return;
+        }
+        // A thaw hook already waiting means the window passed unseen (looked at
+        // every 64 reads: the freeze must be caught within a few ms of its start).
+        if polls >= 64 {
+            polls = 0;
+            if hook_requests(hooks, answered)
+                .iter()
+                .any(|n| n.starts_with("thaw."))
+            {
+                sample.missed = Some("the freeze window passed before it was seen".into());
+                return;
+            }
+        }
+    }
+    let held = HeldProcess::stop(agent_pid);
+    if probe.needs_recovery() {
+        sample.missed = Some("thawed before the agent was held".into());
+        return;
+    }
+    let t = Instant::now();
+    let hash = sha256_direct(dev);
+    sample.hash_ms = t.elapsed().as_secs_f64() * 1000.0;
+    if probe.needs_recovery() {
+        sample.missed = Some("thawed during the hash".into());
+        return;
+    }
+    drop(held);
+    sample.hash = Some(hash);
+}
+
+/// SIGSTOPs a process; SIGCONT on drop.
+struct HeldProcess(u32);
+
+impl HeldProcess {
+    fn stop(pid: u32) -> HeldProcess {
+        send_signal(pid, libc::SIGSTOP);
+        HeldProcess(pid)
+    }
+}
+
+impl Drop for HeldProcess {
+    fn drop(&mut self) {
+        send_signal(self.0, libc::SIGCONT);
+    }
+}
+
+/// Reads an ext4 superblock from the device with O_DIRECT (past the page cache).
+struct SuperblockProbe {
+    file: File,
+    raw: Vec<u8>,
+    skip: usize,
+}
+
+impl SuperblockProbe {
+    /// ext4's `s_feature_incompat` (superblock at byte 1024, field at 0x60) and its
+    /// RECOVER bit: set on disk while mounted read-write with a journal, cleared by a
+    /// freeze (and a clean unmount), set again by the thaw.
+    const INCOMPAT_AT: usize = 1024 + 0x60;
+    const INCOMPAT_RECOVER: u32 = 0x4;
+
+    fn open(dev: &Path) -> SuperblockProbe {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(dev)
+            .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", dev.display()));
+        let raw = vec![0u8; 2 * 4096];
+        let skip = raw.as_ptr().align_offset(4096);
+        SuperblockProbe { file, raw, skip }
+    }
+
+    fn needs_recovery(&mut self) -> bool {
+        let block = &mut self.raw[self.skip..self.skip + 4096];
+        self.file
+            .read_exact_at(block, 0)
+            .unwrap_or_else(|e| panic!("read the superblock: {e}"));
+        let at = Self::INCOMPAT_AT;
+        let incompat = u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
+        incompat & Self::INCOMPAT_RECOVER != 0
+    }
+}
+
+/// sha256 (by the system's `sha256sum`) of a block device read with O_DIRECT.
+fn sha256_direct(dev: &Path) -> String {
+    const LEN: usize = 1 << 20;
+    let tool = find_tool("sha256sum").unwrap_or_else(|| PathBuf::from("sha256sum"));
+    let mut child = Command::new(tool)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start sha256sum: {e}"));
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", dev.display()));
+    let size = byte_size(dev);
+    let mut raw = vec![0u8; LEN + 4096];
+    let skip = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[skip..skip + LEN];
+    {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let mut at = 0u64;
+        while at < size {
+            let n = usize::try_from((size - at).min(LEN as u64)).expect("at most a MiB");
+            f.read_exact_at(&mut buf[..n], at)
+                .unwrap_or_else(|e| panic!("read {} at {at}: {e}", dev.display()));
+            stdin
+                .write_all(&buf[..n])
+                .unwrap_or_else(|e| panic!("feed sha256sum: {e}"));
+            at += n as u64;
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("sha256sum: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let digest = text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        out.status.success() && digest.len() == 64,
+        "sha256sum: {} {text}",
+        out.status
+    );
+    digest
+}
+
+/// `syncfs(2)` of the filesystem mounted at `mountpoint`: every dirty page and the
+/// journal reach the device.
+fn sync_fs(mountpoint: &Path) {
+    use std::os::fd::AsRawFd;
+    let dir =
+        File::open(mountpoint).unwrap_or_else(|e| panic!("open {}: {e}", mountpoint.display()));
+    // SAFETY: syncfs only reads the fd, which stays open for the call.
+    let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+    assert_eq!(
+        rc,
+        0,
+        "syncfs {}: {}",
+        mountpoint.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A file of `len` zero bytes, written (not sparse) and fsynced.
+fn write_zeros(path: &Path, len: u64) {
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let block = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left.min(1 << 20)).expect("at most a MiB");
+        f.write_all(&block[..n])
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        left -= n as u64;
+    }
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
+}
+
+/// `count` O_DIRECT 4 KiB overwrites of random blocks of the (written) file `path`,
+/// each its own bio, then an fsync; returns `count`.
+fn direct_overwrites(path: &Path, count: u64, seed: u64) -> u64 {
+    const BLOCK: usize = 4096;
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", path.display()));
+    let blocks = byte_size(path) / BLOCK as u64;
+    let mut rng = DataRng::new(seed);
+    let mut raw = vec![0u8; 2 * BLOCK];
+    let skip = raw.as_ptr().align_offset(BLOCK);
+    let buf = &mut raw[skip..skip + BLOCK];
+    for _ in 0..count {
+        rng.fill(buf);
+        let at = rng.below(blocks) * BLOCK as u64;
+        f.write_all_at(buf, at)
+            .unwrap_or_else(|e| panic!("write {} at {at}: {e}", path.display()));
+    }
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
+    count
 }
 
 /// The agent's state of a disk at `path`, `Null` when it cannot be read.

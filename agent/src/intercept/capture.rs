@@ -74,6 +74,31 @@ impl Capture {
         }
     }
 
+    /// Records that `len` bytes at `offset` of `disk` read back as zeros, now that a
+    /// discard or zero-out has been applied to the backing disk: a zero record in
+    /// journal mode (shipped as zero extents, in order with the writes), else the
+    /// blocks are marked like a write's (shipped as read from the disk: zeros). Never
+    /// fails, as [`Capture::record_write`].
+    pub fn record_zero(&mut self, disk: &str, offset: u64, len: u64) -> Captured {
+        if self.state.mode() == Mode::Bitmap {
+            self.state.mark(offset, len);
+            return Captured::Marked;
+        }
+        match self.journal.append_zero(disk, offset, len) {
+            Ok(seq) => Captured::Journaled(seq),
+            Err(AppendError::Full { .. }) => {
+                self.state.on_full();
+                self.state.mark(offset, len);
+                Captured::Marked
+            }
+            Err(AppendError::Journal(e)) => {
+                self.lost_trust(format!("journal append failed: {e}"));
+                self.state.mark(offset, len);
+                Captured::Marked
+            }
+        }
+    }
+
     /// Marks `len` bytes at `offset` whose content on the backing disk is unknown (a
     /// write that failed part way): they are shipped from the disk as they are now.
     pub fn mark_unknown(&mut self, offset: u64, len: u64) {
@@ -157,11 +182,29 @@ mod tests {
             .iter()
             .map(|r| match &r.entry {
                 Entry::Write { offset, .. } => (r.seq, *offset),
-                Entry::Tag { .. } => panic!("no tags appended"),
+                Entry::Tag { .. } | Entry::Zero { .. } => panic!("only writes appended"),
             })
             .collect();
         assert_eq!(got, journaled);
         assert!(c.resync_reason().is_none(), "Full is not a fault");
+    }
+
+    #[test]
+    fn zeros_are_journaled_in_order_with_the_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = capture(dir.path(), 64 << 10);
+        assert_eq!(c.record_write("d", 0, &[1u8; 4096]), Captured::Journaled(1));
+        assert_eq!(c.record_zero("d", 0, 8 * B), Captured::Journaled(2));
+        assert_eq!(c.record_write("d", B, &[2u8; 10]), Captured::Journaled(3));
+        let records = c.journal.read_from(1, u64::MAX).expect("read");
+        assert!(matches!(
+            records[1].entry,
+            Entry::Zero { offset: 0, len, .. } if len == 8 * B
+        ));
+        // In bitmap mode a zeroed range is marked: shipped as read (zeros).
+        c.state.on_full();
+        assert_eq!(c.record_zero("d", 16 * B, 2 * B), Captured::Marked);
+        assert!(c.state.bitmap().is_dirty(17 * B));
     }
 
     #[test]

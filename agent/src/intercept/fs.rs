@@ -1,16 +1,20 @@
 //! The FUSE file system of the intercept: a root directory holding one regular file,
 //! the served disk. Reads go to the backing disk; writes go to the backing disk and
-//! then to the capture, under the capture lock, before they are acknowledged; flush,
-//! fsync and fsyncdir reach the backing disk and the journal. Everything else that
-//! would change the namespace or the file's size is refused.
+//! then to the capture, under the capture lock, before they are acknowledged; so do
+//! discards and zero-outs (`fallocate` with `PUNCH_HOLE | KEEP_SIZE` or `ZERO_RANGE`,
+//! what a loop device sends for a file system's discards and write-zeroes), which
+//! are journaled as zero records; flush, fsync and fsyncdir reach the backing disk and
+//! the journal. Everything else that would change the namespace or the file's size
+//! is refused.
 
 use std::cell::RefCell;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -65,6 +69,9 @@ pub(super) struct Counters {
     reads: AtomicU64,
     bytes_read: AtomicU64,
     syncs: AtomicU64,
+    discards: AtomicU64,
+    bytes_discarded: AtomicU64,
+    fallocate_refused: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -83,6 +90,9 @@ impl Counters {
             reads: get(&self.reads),
             bytes_read: get(&self.bytes_read),
             syncs: get(&self.syncs),
+            discards: get(&self.discards),
+            bytes_discarded: get(&self.bytes_discarded),
+            fallocate_refused: get(&self.fallocate_refused),
         }
     }
 }
@@ -157,6 +167,100 @@ impl Served {
                 Err(errno(&e))
             }
         }
+    }
+
+    /// A discard or zero-out from the writer (`fallocate`): `PUNCH_HOLE | KEEP_SIZE`
+    /// or `ZERO_RANGE` (with or without `KEEP_SIZE`) of a range inside the disk is
+    /// applied to the backing disk and then recorded as a zero range, both under the
+    /// capture lock like a write; the part of a `KEEP_SIZE` range past the end is
+    /// ignored, as the kernel does. Any other mode is refused with EOPNOTSUPP: it
+    /// would allocate, grow, collapse or shift the disk.
+    pub(super) fn fallocate(&self, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let zero_range = mode & !libc::FALLOC_FL_KEEP_SIZE == libc::FALLOC_FL_ZERO_RANGE;
+        if mode != PUNCH && !zero_range {
+            bump(&self.counters.fallocate_refused, 1);
+            static LOGGED: AtomicBool = AtomicBool::new(false);
+            if !LOGGED.swap(true, Ordering::Relaxed) {
+                warn!(mode = format!("{mode:#x}"), "intercept: fallocate refused (only PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE are served: other modes allocate, grow or shift the disk)");
+            }
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let end = offset.checked_add(length).ok_or(Errno::EINVAL)?;
+        if end > self.size && !keep_size {
+            // Zeroing past the end without KEEP_SIZE grows the file: a resize.
+            return Err(Errno::ENOSPC);
+        }
+        let end = end.min(self.size);
+        if offset >= end {
+            return Ok(());
+        }
+        let len = end - offset;
+        bump(&self.counters.discards, 1);
+        let Some(capture) = &self.capture else {
+            return self.apply_zero(offset, len, zero_range);
+        };
+        let mut capture = lock_capture(capture);
+        if let Err(e) = self.apply_zero(offset, len, zero_range) {
+            // Part of it may have been zeroed: ship those blocks as they are.
+            capture.mark_unknown(offset, len);
+            return Err(e);
+        }
+        match capture.record_zero(&self.disk_id, offset, len) {
+            Captured::Journaled(_) => bump(&self.counters.journaled, 1),
+            Captured::Marked => bump(&self.counters.marked, 1),
+        }
+        Ok(())
+    }
+
+    /// Makes `len` bytes at `offset` of the backing disk read back as zeros: the same
+    /// fallocate on it (a file system punches or zeroes, a block device zeroes out),
+    /// else, where it has no such fallocate, by writing zeros.
+    fn apply_zero(&self, offset: u64, len: u64, zero_range: bool) -> Result<(), Errno> {
+        let mode = libc::FALLOC_FL_KEEP_SIZE
+            | if zero_range {
+                libc::FALLOC_FL_ZERO_RANGE
+            } else {
+                libc::FALLOC_FL_PUNCH_HOLE
+            };
+        let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(Errno::EINVAL);
+        };
+        // SAFETY: fallocate(2) on a descriptor we own for the call, with plain integers.
+        let rc = unsafe { libc::fallocate(self.backing.as_raw_fd(), mode, at, n) };
+        let result = if rc == 0 {
+            Ok(())
+        } else {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP | libc::ENOSYS) => self.write_zeros(offset, len),
+                _ => Err(e),
+            }
+        };
+        match result {
+            Ok(()) => {
+                bump(&self.counters.bytes_discarded, len);
+                Ok(())
+            }
+            Err(e) => {
+                bump(&self.counters.write_errors, 1);
+                error!(backing = %self.backing_path.display(), offset, len, error = %e, "intercept: zeroing a range of the backing disk failed");
+                Err(errno(&e))
+            }
+        }
+    }
+
+    fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {
+        static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = usize::try_from((end - at).min(ZEROS.len() as u64)).unwrap_or(ZEROS.len());
+            self.backing.write_all_at(&ZEROS[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
     }
 
     /// A flush or fsync from the writer: fdatasync of the backing disk, then a sync of
@@ -533,21 +637,22 @@ impl Filesystem for DiskFs {
         reply.error(Errno::ENOTTY);
     }
 
-    /// Refused: a hole punched or a range zeroed here would change the disk without a
-    /// write to capture. The loop driver reports the discard as unsupported, and the
-    /// kernel's zero-out falls back to writing zeros, which are captured. (Journaling
-    /// discards needs a zero-extent record kind: a follow-up.)
+    /// Discards and zero-outs, captured (see [`Served::fallocate`]).
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
+        offset: u64,
+        length: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EOPNOTSUPP);
+        match ino {
+            FILE => reply_sync(self.served.fallocate(offset, length, mode), reply),
+            INodeNo::ROOT => reply.error(Errno::EISDIR),
+            _ => reply.error(Errno::ENOENT),
+        }
     }
 
     /// ENOSYS: the kernel then copies with reads and writes, which are captured.

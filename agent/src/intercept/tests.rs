@@ -127,10 +127,10 @@ struct Mounted {
 }
 
 impl Mounted {
-    fn new(dev: &str, dir: &Path) -> Mounted {
+    fn with_options(dev: &str, dir: &Path, options: &str) -> Mounted {
         fs::create_dir_all(dir).expect("create mount dir");
         let d = dir.to_str().expect("utf-8 path");
-        run("mount", &[dev, d]);
+        run("mount", &["-o", options, dev, d]);
         Mounted {
             dir: dir.to_path_buf(),
         }
@@ -228,7 +228,8 @@ impl Fixture {
         Intercept::start(&self.disk, Arc::clone(&self.capture), options).expect("start intercept")
     }
 
-    /// Every journal record in seq order, checking seqs are contiguous from 1.
+    /// Every journal record in seq order, checking seqs are contiguous from 1; a zero
+    /// record comes as that many zero bytes.
     fn records(&self) -> Vec<(u64, Vec<u8>)> {
         let c = lock_capture(&self.capture);
         let mut out = Vec::new();
@@ -245,6 +246,10 @@ impl Fixture {
                     Entry::Write { disk, offset, data } => {
                         assert_eq!(disk, DISK);
                         out.push((offset, data.to_vec()));
+                    }
+                    Entry::Zero { disk, offset, len } => {
+                        assert_eq!(disk, DISK);
+                        out.push((offset, vec![0u8; us(len)]));
                     }
                     Entry::Tag { .. } => panic!("the intercept appends no tags"),
                 }
@@ -292,8 +297,10 @@ fn ext4_on_a_loop_device_over_the_file_replays_byte_for_byte() {
     let intercept = fx.start(&InterceptOptions::default());
     {
         let lo = LoopDev::attach(intercept.file_path());
+        // mkfs discards the whole device first, and `-o discard` discards what b
+        // freed: both come as punched holes, journaled as zero records.
         run("mkfs.ext4", &["-F", "-q", &lo.dev]);
-        let mnt = Mounted::new(&lo.dev, &fx.dir.path().join("ext4"));
+        let mnt = Mounted::with_options(&lo.dev, &fx.dir.path().join("ext4"), "discard");
         let files: [(&str, u64, usize); 4] = [
             ("a", 1, us(3 * MIB)),
             ("b", 2, us(MIB)),
@@ -340,16 +347,117 @@ fn ext4_on_a_loop_device_over_the_file_replays_byte_for_byte() {
         "stop syncs the journal"
     );
     assert!(c.resync_reason().is_none());
-    assert_eq!(stats.journaled, stats.writes);
+    assert!(
+        stats.discards > 0,
+        "mkfs and -o discard punched holes: {stats:?}"
+    );
+    assert_eq!(stats.journaled, stats.writes + stats.discards);
     assert_eq!(stats.marked, 0);
     assert_eq!(records.len() as u64, stats.journaled);
     drop(c);
     let image = fx.disk.backing.to_str().expect("utf-8 path");
     run("e2fsck", &["-fn", image]);
     println!(
-        "{test}: {} writes ({} bytes) journaled and replayed, {} syncs",
-        stats.writes, stats.bytes_written, stats.syncs
+        "{test}: {} writes ({} bytes) and {} discards ({} bytes) journaled and replayed, {} syncs",
+        stats.writes, stats.bytes_written, stats.discards, stats.bytes_discarded, stats.syncs
     );
+}
+
+/// fallocate(2) on the served file, `len` bytes at `offset`.
+fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: fallocate on a descriptor open for the call, with plain integers.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, at, n) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[test]
+fn punched_holes_and_zeroed_ranges_are_applied_then_journaled_in_order() {
+    let test = "punched_holes_and_zeroed_ranges_are_applied_then_journaled_in_order";
+    if !gate(test, &[]) {
+        return;
+    }
+    const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let size = 8 * MIB;
+    let fx = Fixture::new(size, 64 * MIB);
+    let intercept = fx.start(&InterceptOptions::default());
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(intercept.file_path())
+        .expect("open served file");
+    let mut model = pattern(1, us(size));
+    f.write_all_at(&model, 0).expect("fill");
+    // A hole, a zeroed range, a write into the hole, and a punch past the end (kept
+    // to the disk's size).
+    fallocate(&f, PUNCH, MIB + 512, 3 * B).expect("punch");
+    model[us(MIB) + 512..us(MIB) + 512 + us(3 * B)].fill(0);
+    fallocate(
+        &f,
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        4 * MIB,
+        MIB,
+    )
+    .expect("zero range");
+    model[us(4 * MIB)..us(5 * MIB)].fill(0);
+    f.write_all_at(b"inside the hole", MIB + 4096)
+        .expect("write");
+    model[us(MIB) + 4096..us(MIB) + 4096 + 15].copy_from_slice(b"inside the hole");
+    fallocate(&f, PUNCH, size - B, 4 * B).expect("punch past the end");
+    model[us(size - B)..].fill(0);
+    // Modes that allocate, grow or shift the disk are refused; nothing is journaled.
+    // (The kernel's FUSE refuses collapse and insert itself: two reach the agent.)
+    let before = lock_capture(&fx.capture).journal.next_seq();
+    for mode in [
+        0,
+        libc::FALLOC_FL_KEEP_SIZE,
+        libc::FALLOC_FL_COLLAPSE_RANGE,
+        libc::FALLOC_FL_INSERT_RANGE,
+    ] {
+        let err = fallocate(&f, mode, 0, B).expect_err("refused");
+        assert_eq!(err.raw_os_error(), Some(libc::EOPNOTSUPP), "mode {mode:#x}");
+    }
+    // Zeroing past the end without KEEP_SIZE would grow the disk.
+    let err = fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, size - B, 2 * B).expect_err("grow");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+    assert_eq!(lock_capture(&fx.capture).journal.next_seq(), before);
+    let stats = intercept.stats();
+    drop(f);
+    intercept.stop().expect("clean stop");
+
+    let source = fs::read(&fx.disk.backing).expect("read backing");
+    if let Some(at) = first_difference(&model, &source) {
+        panic!("the backing disk differs from the model at byte {at}");
+    }
+    // The journal replays to the same bytes from nothing: zero records in order.
+    let mut replica = vec![0xeeu8; us(size)];
+    let records = fx.records();
+    for (offset, data) in &records {
+        replica[us(*offset)..us(*offset) + data.len()].copy_from_slice(data);
+    }
+    if let Some(at) = first_difference(&replica, &source) {
+        panic!("the replayed journal differs from the backing disk at byte {at}");
+    }
+    // The fill (in max_write pieces), punch, zero, write, punch.
+    assert_eq!(records.len() as u64, stats.writes + stats.discards);
+    assert_eq!(stats.journaled, stats.writes + stats.discards);
+    assert_eq!(
+        (
+            stats.discards,
+            stats.bytes_discarded,
+            stats.fallocate_refused
+        ),
+        (3, 3 * B + MIB + B, 2),
+        "{stats:?}"
+    );
+    println!("{test}: {stats:?}");
 }
 
 #[test]

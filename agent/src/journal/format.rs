@@ -13,7 +13,13 @@ pub(super) const SEGMENT_MAGIC: [u8; 4] = *b"BMJS";
 pub(super) const SEGMENT_VERSION: u16 = 1;
 pub(super) const SEGMENT_HEADER_LEN: usize = 24;
 pub(super) const RECORD_MAGIC: [u8; 4] = *b"BMJR";
+/// Version of write and tag records (unchanged since the first journal, so a journal
+/// without zero records stays readable by the builds before them).
 pub(super) const RECORD_VERSION: u8 = 1;
+/// Version of zero records (kind 3), the first version that has them: a build that
+/// knows only version 1 refuses such a journal as unsupported instead of cutting it
+/// at a kind it does not know.
+pub(super) const ZERO_RECORD_VERSION: u8 = 2;
 pub(super) const RECORD_HEADER_LEN: usize = 24;
 /// Longest disk id a journal record may carry, in bytes.
 pub const MAX_DISK_ID: usize = 128;
@@ -24,8 +30,11 @@ pub const MAX_WRITE: usize = 8 << 20;
 pub(super) const MAX_PAYLOAD: usize = 1 + MAX_DISK_ID + 8 + MAX_WRITE;
 const KIND_WRITE: u8 = 1;
 const KIND_TAG: u8 = 2;
+const KIND_ZERO: u8 = 3;
 /// Payload of a tag after the disk id: kind u8, point id u64, time u64.
 const TAG_BODY: usize = 1 + 8 + 8;
+/// Payload of a zero record after the disk id: offset u64, length u64.
+const ZERO_BODY: usize = 8 + 8;
 
 /// What a journal record holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +47,17 @@ pub enum Entry {
         offset: u64,
         /// The bytes written.
         data: Bytes,
+    },
+    /// A range that reads back as zeros from now on (a discard or zero-out the
+    /// workload issued, applied to the backing disk), in write order: shipped as zero
+    /// extents.
+    Zero {
+        /// Disk id.
+        disk: String,
+        /// Byte offset on the disk.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
     },
     /// A tag: every write journaled before it belongs to the cut.
     Tag {
@@ -56,7 +76,7 @@ impl Entry {
     /// The disk the entry belongs to.
     pub fn disk(&self) -> &str {
         match self {
-            Entry::Write { disk, .. } | Entry::Tag { disk, .. } => disk,
+            Entry::Write { disk, .. } | Entry::Zero { disk, .. } | Entry::Tag { disk, .. } => disk,
         }
     }
 }
@@ -177,7 +197,8 @@ impl RecordHeader {
         })
     }
 
-    /// Checks the crc32 over header bytes 0..20 and the payload, then the version.
+    /// Checks the crc32 over header bytes 0..20 and the payload, then the version:
+    /// 1 (writes and tags) or 2 (zero records as well).
     pub(super) fn verify(&self, h: &[u8; RECORD_HEADER_LEN], payload: &[u8]) -> Result<(), Bad> {
         let mut crc = crc32fast::Hasher::new();
         crc.update(&h[..20]);
@@ -185,10 +206,17 @@ impl RecordHeader {
         if crc.finalize() != self.crc {
             return Err(Bad::Damaged("record checksum mismatch".into()));
         }
-        if self.version != RECORD_VERSION {
+        if !(RECORD_VERSION..=ZERO_RECORD_VERSION).contains(&self.version) {
             return Err(Bad::Unsupported(format!(
-                "record format version {} is not supported (this build writes \
-                 {RECORD_VERSION})",
+                "record format version {} is not supported (this build reads \
+                 {RECORD_VERSION} to {ZERO_RECORD_VERSION})",
+                self.version
+            )));
+        }
+        if self.kind == KIND_ZERO && self.version < ZERO_RECORD_VERSION {
+            return Err(Bad::Damaged(format!(
+                "zero record of version {}: zero records exist from version \
+                 {ZERO_RECORD_VERSION}",
                 self.version
             )));
         }
@@ -206,6 +234,11 @@ pub(super) fn tag_record_len(disk: &str) -> u64 {
     (RECORD_HEADER_LEN + 1 + disk.len() + TAG_BODY) as u64
 }
 
+/// Encoded size of a zero record.
+pub(super) fn zero_record_len(disk: &str) -> u64 {
+    (RECORD_HEADER_LEN + 1 + disk.len() + ZERO_BODY) as u64
+}
+
 fn start(buf: &mut Vec<u8>, disk: &str, capacity: usize) {
     // Callers check disk ids against MAX_DISK_ID before encoding.
     let disk_len = u8::try_from(disk.len()).expect("disk id length checked by the caller");
@@ -220,7 +253,11 @@ fn finish(buf: &mut [u8], kind: u8, seq: u64) {
     let payload_len = u32::try_from(buf.len() - RECORD_HEADER_LEN)
         .expect("payload lengths are checked against MAX_PAYLOAD by the caller");
     buf[0..4].copy_from_slice(&RECORD_MAGIC);
-    buf[4] = RECORD_VERSION;
+    buf[4] = if kind == KIND_ZERO {
+        ZERO_RECORD_VERSION
+    } else {
+        RECORD_VERSION
+    };
     buf[5] = kind;
     buf[8..12].copy_from_slice(&payload_len.to_le_bytes());
     buf[12..20].copy_from_slice(&seq.to_le_bytes());
@@ -256,6 +293,14 @@ pub(super) fn encode_tag(
     finish(buf, KIND_TAG, seq);
 }
 
+/// Encodes a zero record into `buf` (replacing its content).
+pub(super) fn encode_zero(buf: &mut Vec<u8>, seq: u64, disk: &str, offset: u64, len: u64) {
+    start(buf, disk, ZERO_BODY);
+    buf.extend_from_slice(&offset.to_le_bytes());
+    buf.extend_from_slice(&len.to_le_bytes());
+    finish(buf, KIND_ZERO, seq);
+}
+
 /// An entry decoded without copying its data: a write's data is `payload[data_at..]`.
 #[derive(Debug)]
 pub(super) enum Parsed {
@@ -263,6 +308,11 @@ pub(super) enum Parsed {
         disk: String,
         offset: u64,
         data_at: usize,
+    },
+    Zero {
+        disk: String,
+        offset: u64,
+        len: u64,
     },
     Tag {
         disk: String,
@@ -300,6 +350,19 @@ pub(super) fn parse_entry(kind: u8, payload: &[u8]) -> Result<Parsed, Bad> {
                 data_at: 1 + disk_len + 8,
             })
         }
+        KIND_ZERO => {
+            if body.len() != ZERO_BODY {
+                return Err(Bad::Damaged(format!(
+                    "zero record body is {} bytes, {ZERO_BODY} expected",
+                    body.len()
+                )));
+            }
+            Ok(Parsed::Zero {
+                disk,
+                offset: le_u64(body),
+                len: le_u64(&body[8..]),
+            })
+        }
         KIND_TAG => {
             if body.len() != TAG_BODY {
                 return Err(Bad::Damaged(format!(
@@ -333,6 +396,7 @@ pub(super) fn decode_entry(kind: u8, payload: &Bytes) -> Result<Entry, Bad> {
             offset,
             data: payload.slice(data_at..),
         },
+        Parsed::Zero { disk, offset, len } => Entry::Zero { disk, offset, len },
         Parsed::Tag {
             disk,
             kind,
@@ -396,6 +460,37 @@ mod tests {
                 }
             ))
         );
+    }
+
+    #[test]
+    fn zero_records_round_trip_as_version_2() {
+        let mut buf = Vec::new();
+        encode_zero(&mut buf, 9, "vda", 1 << 20, 3 << 20);
+        assert_eq!(buf.len() as u64, zero_record_len("vda"));
+        assert_eq!(buf[4], ZERO_RECORD_VERSION, "zero records carry version 2");
+        assert_eq!(
+            decode(&buf),
+            Ok((
+                9,
+                Entry::Zero {
+                    disk: "vda".into(),
+                    offset: 1 << 20,
+                    len: 3 << 20,
+                }
+            ))
+        );
+        // Writes and tags stay version 1: older builds read a journal without zeros.
+        encode_write(&mut buf, 1, "vda", 0, b"x");
+        assert_eq!(buf[4], RECORD_VERSION);
+        // A zero record claiming version 1 was never written by anyone.
+        encode_zero(&mut buf, 9, "vda", 0, 4096);
+        buf[4] = RECORD_VERSION;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&buf[..20]);
+        crc.update(&buf[RECORD_HEADER_LEN..]);
+        let crc = crc.finalize();
+        buf[20..24].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(decode(&buf), Err(Bad::Damaged(_))));
     }
 
     #[test]

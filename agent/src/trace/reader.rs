@@ -3,6 +3,11 @@
 //! the instance watch, checks the loss counters and settings ([`Health`]) every
 //! health interval and after every sync marker, and publishes sync markers only after
 //! that check passed. Any failure ends it with the reason recorded as lost tracking.
+//!
+//! A reader of an adopted instance (see [`Tracer::adopt`](super::Tracer::adopt)) first
+//! expects the hand-over marker the previous agent wrote at its stop: a sync marker of
+//! its own before it means the buffer no longer holds what was there at the stop
+//! (cleared, or the instance replaced), which is lost tracking too.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -14,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::event::{self, BioOp, Line};
 use super::tracefs::{parse_stats, pread_ctl, CpuStats, DeviceTarget, Watch, EVENT_DIR};
-use super::Shared;
+use super::{Shared, HANDOVER_MARKER, SYNC_MARKER};
 
 /// A non-blocking eventfd that sync points and stop kick to wake the reader.
 pub(super) fn eventfd() -> io::Result<OwnedFd> {
@@ -163,9 +168,21 @@ pub(super) struct Reader {
     health: Health,
     target: DeviceTarget,
     marker_prefix: Vec<u8>,
+    /// The hand-over marker still to be read, for an adopted instance.
+    handover_marker: Option<Vec<u8>>,
     health_every: Duration,
     partial: Vec<u8>,
     ops: Vec<Op>,
+}
+
+/// What a reader leaves when it ends: for a hand-over, its health checks (with the
+/// counters it started from) and whether it stopped inside a line.
+#[derive(Debug)]
+pub(super) struct ReaderEnd {
+    /// Bytes of an unfinished line read from `trace_pipe` (consumed, not applied).
+    pub(super) partial: usize,
+    /// The reader's checks.
+    pub(super) health: Health,
 }
 
 /// Longest line accepted without a newline before the reader gives up.
@@ -205,6 +222,8 @@ pub(super) struct ReaderParts {
     pub(super) target: DeviceTarget,
     /// The tracer's sync marker nonce.
     pub(super) nonce: u64,
+    /// Adopted instance: the nonce of the hand-over marker to read first.
+    pub(super) handover: Option<u64>,
     /// Time between health checks.
     pub(super) health_every: Duration,
 }
@@ -218,14 +237,17 @@ impl Reader {
             watch: p.watch,
             health: p.health,
             target: p.target,
-            marker_prefix: format!("boomerang-sync {:016x} ", p.nonce).into_bytes(),
+            marker_prefix: format!("{SYNC_MARKER} {:016x} ", p.nonce).into_bytes(),
+            handover_marker: p
+                .handover
+                .map(|n| format!("{HANDOVER_MARKER} {n:016x}").into_bytes()),
             health_every: p.health_every,
             partial: Vec::new(),
             ops: Vec::new(),
         }
     }
 
-    pub(super) fn run(mut self) {
+    pub(super) fn run(mut self) -> ReaderEnd {
         let result = self.follow();
         let cpu = thread_cpu_time();
         let stopped = self.shared.stop.load(Ordering::SeqCst);
@@ -237,6 +259,10 @@ impl Reader {
             Err(reason) => self.shared.set_lost(reason),
             Ok(()) if !stopped => self.shared.set_lost("the trace reader ended".into()),
             Ok(()) => self.shared.changed.notify_all(),
+        }
+        ReaderEnd {
+            partial: self.partial.len(),
+            health: self.health,
         }
     }
 
@@ -384,6 +410,18 @@ impl Reader {
                         Op::Discard(o, l)
                     }
                 }
+            }
+            Line::Marker(text) if self.handover_marker.is_some() => {
+                if Some(text.trim_ascii_end()) == self.handover_marker.as_deref() {
+                    self.handover_marker = None;
+                } else if text.starts_with(&self.marker_prefix) {
+                    return Err(concat!(
+                        "the hand-over marker of the previous agent is not in the trace ",
+                        "buffer: it was cleared, or the instance replaced, while no agent read it"
+                    )
+                    .into());
+                }
+                return Ok(());
             }
             Line::Marker(text) => match text.strip_prefix(self.marker_prefix.as_slice()) {
                 Some(token) => {

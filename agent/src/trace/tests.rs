@@ -392,6 +392,137 @@ fn trace_cleans_up_its_instance() {
     assert!(!dir.exists());
 }
 
+/// Removes a handed-over instance a failing test would leave behind.
+struct DropInstance(PathBuf);
+
+impl Drop for DropInstance {
+    fn drop(&mut self) {
+        let _ = tracefs::remove_unused_instance(&self.0);
+    }
+}
+
+#[test]
+fn trace_hand_over_and_adopt_keeps_every_write_made_meanwhile() {
+    if !gate(
+        "trace_hand_over_and_adopt_keeps_every_write_made_meanwhile",
+        &[],
+    ) {
+        return;
+    }
+    let disk = LoopDev::new(64);
+    let tracer = Tracer::start(&disk.dev, opts()).expect("start");
+    let dir = tracer.instance_dir().to_path_buf();
+    let _cleanup = DropInstance(dir.clone());
+    disk.dd(1, 1);
+    tracer.sync_point(SYNC).expect("sync point");
+    // Never taken: the hand-over returns it, to be shipped before the record is kept.
+    let (handover, rest) = tracer.hand_over().expect("hand over");
+    assert_eq!(rest.writes, vec![(B, B)]);
+    assert!(dir.is_dir(), "the instance lives on after the hand-over");
+    assert_eq!(
+        handover.instance,
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or_default()
+    );
+    // Written while nobody reads: buffered by the instance.
+    disk.dd(10, 2);
+    disk.direct_writes(&[20, 21]);
+    let json = serde_json::to_string(&handover).expect("serialize");
+    let handover: Handover = serde_json::from_str(&json).expect("deserialize");
+    let tracer = Tracer::adopt(&disk.dev, opts(), &handover).expect("adopt");
+    assert_eq!(tracer.instance_dir(), dir);
+    let snap = tracer.take();
+    assert_eq!(snap.writes, vec![(10 * B, 2 * B), (20 * B, 2 * B)]);
+    assert_eq!(snap.lost, None);
+    // And it goes on tracking.
+    disk.dd(30, 1);
+    tracer.sync_point(SYNC).expect("sync point");
+    assert_eq!(tracer.take().writes, vec![(30 * B, B)]);
+    // A second hand-over and adoption work the same way.
+    let (again, rest) = tracer.hand_over().expect("hand over again");
+    assert!(rest.writes.is_empty(), "{rest:?}");
+    disk.dd(40, 1);
+    let tracer = Tracer::adopt(&disk.dev, opts(), &again).expect("adopt again");
+    assert_eq!(tracer.take().writes, vec![(40 * B, B)]);
+    // The first record is stale now: its marker was read already.
+    drop(tracer.hand_over().expect("hand over a third time"));
+    match Tracer::adopt(&disk.dev, opts(), &handover) {
+        Err(TraceError::NotAdopted(why)) => println!("stale record: {why}"),
+        other => panic!("adopting with a stale record: {other:?}"),
+    }
+    // The refused instance is replaced by the next start.
+    let tracer = Tracer::start(&disk.dev, opts()).expect("start after a refusal");
+    tracer.stop().expect("stop");
+    assert!(!dir.exists());
+}
+
+#[test]
+fn trace_adoption_refuses_an_instance_that_may_have_missed_writes() {
+    if !gate(
+        "trace_adoption_refuses_an_instance_that_may_have_missed_writes",
+        &[],
+    ) {
+        return;
+    }
+    let disk = LoopDev::new(64);
+    let small = TraceOptions {
+        buffer_size_kb: 16,
+        ..opts()
+    };
+    let refused = |what: &str, tracer: Tracer, meanwhile: &dyn Fn(&Path), opts: &TraceOptions| {
+        let dir = tracer.instance_dir().to_path_buf();
+        let _cleanup = DropInstance(dir.clone());
+        let (handover, _) = tracer.hand_over().expect("hand over");
+        meanwhile(&dir);
+        match Tracer::adopt(&disk.dev, opts.clone(), &handover) {
+            Err(TraceError::NotAdopted(why)) => println!("{what}: refused: {why}"),
+            other => panic!("{what}: adopt gave {other:?}"),
+        }
+        // Whatever was refused, a fresh start replaces it.
+        Tracer::start(&disk.dev, opts.clone())
+            .expect("start after the refusal")
+            .stop()
+            .expect("stop");
+    };
+    let start = |o: &TraceOptions| Tracer::start(&disk.dev, o.clone()).expect("start");
+    refused(
+        "overflow while down",
+        start(&small),
+        &|_| disk.direct_writes(&(0..3000).collect::<Vec<_>>()),
+        &small,
+    );
+    refused(
+        "buffer cleared while down",
+        start(&opts()),
+        &|dir| {
+            disk.dd(3, 1);
+            sh(dir, ": > trace");
+        },
+        &opts(),
+    );
+    refused(
+        "event disabled while down",
+        start(&opts()),
+        &|dir| sh(dir, &format!("echo 0 > {EVENT_DIR}/enable")),
+        &opts(),
+    );
+    refused(
+        "instance removed while down",
+        start(&opts()),
+        &|dir| {
+            if let Err(e) = tracefs::remove_unused_instance(dir) {
+                panic!("rmdir {}: {e}", dir.display());
+            }
+        },
+        &opts(),
+    );
+    refused(
+        "buffer size changed in the configuration",
+        start(&opts()),
+        &|_| {},
+        &small,
+    );
+}
+
 #[test]
 fn trace_refuses_what_it_cannot_trace() {
     let file = tempfile::NamedTempFile::new().expect("temp file");

@@ -1,7 +1,7 @@
 //! The kernel side of the tracer: finding (or mounting) tracefs, naming the block
-//! device as the `block_bio_queue` event sees it, the private trace instance and its
-//! removal, the per-cpu ring-buffer statistics, and an inotify watch that notices
-//! anyone else touching the instance.
+//! device as the `block_bio_queue` event sees it, the trace instance (its name, its
+//! removal, its hand-over to the next agent), the per-cpu ring-buffer statistics, and
+//! an inotify watch that notices anyone else touching the instance.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -22,8 +22,15 @@ pub(crate) const DEFAULT_TRACEFS: &str = "/sys/kernel/tracing";
 /// The event this tracer enables, relative to an instance.
 pub(crate) const EVENT_DIR: &str = "events/block/block_bio_queue";
 
-/// Prefix of our instance names: `boomerang-<pid>-<major>-<minor>`.
+/// Prefix of our instance names: `boomerang-<major>-<minor>` (one per device, so the
+/// next agent finds an instance handed over to it; agents before the hand-over named
+/// theirs `boomerang-<pid>-<major>-<minor>`).
 pub(crate) const INSTANCE_PREFIX: &str = "boomerang-";
+
+/// The name of the instance tracing `target`: `boomerang-<major>-<minor>`.
+pub(crate) fn instance_name(target: &DeviceTarget) -> String {
+    format!("{INSTANCE_PREFIX}{}-{}", target.major, target.minor)
+}
 
 /// Maps an io error on `path` to [`TraceError::Io`].
 pub(crate) fn io_err<'a>(
@@ -112,6 +119,17 @@ pub(crate) fn find_or_mount(explicit: Option<&Path>) -> Result<PathBuf, TraceErr
     }
     info!(mount = DEFAULT_TRACEFS, "mounted tracefs");
     Ok(target.to_path_buf())
+}
+
+/// The tracefs mount point (`explicit`, else a mounted one), never mounting it.
+pub(crate) fn find_mounted(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return p.join("instances").is_dir().then(|| p.to_path_buf());
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    tracefs_mounts(&mountinfo)
+        .into_iter()
+        .find(|m| m.join("instances").is_dir())
 }
 
 /// Mount points of tracefs in a `/proc/self/mountinfo` text.
@@ -262,14 +280,14 @@ impl DeviceTarget {
 }
 
 /// Loss counters of one cpu's ring buffer (`per_cpu/cpuN/stats`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct CpuStats {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CpuStats {
     /// `overrun:` events overwritten before anyone read them.
-    pub(crate) overrun: u64,
+    pub overrun: u64,
     /// `commit overrun:` events lost while the buffer was being written.
-    pub(crate) commit_overrun: u64,
+    pub commit_overrun: u64,
     /// `dropped events:` events refused because the buffer was full (overwrite off).
-    pub(crate) dropped: u64,
+    pub dropped: u64,
 }
 
 /// Parses a `stats` file; `None` when the loss counters are missing.
@@ -304,19 +322,53 @@ pub(crate) struct Instance {
 }
 
 impl Instance {
-    /// Creates `instances/<name>`; an existing one is an error.
+    /// Creates `instances/<name>`. An instance of that name that nobody holds open (an
+    /// agent killed while tracing left it, or a clean stop handed it over and this
+    /// start does not adopt it) is removed first; one held open is another live tracer
+    /// of the device: [`TraceError::AlreadyTracing`].
     pub(crate) fn create(tracefs: &Path, name: &str) -> Result<Self, TraceError> {
         let dir = tracefs.join("instances").join(name);
-        match std::fs::create_dir(&dir) {
-            Ok(()) => Ok(Instance {
-                dir,
-                removed: false,
-            }),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                Err(TraceError::AlreadyTracing(dir))
+        let mut replaced = false;
+        loop {
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {
+                    return Ok(Instance {
+                        dir,
+                        removed: false,
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && !replaced => {
+                    match remove_unused_instance(&dir) {
+                        Ok(()) => {
+                            warn!(instance = %dir.display(), "removed a trace instance nobody held (left by an agent killed while tracing, or handed over and not adopted)");
+                            replaced = true;
+                        }
+                        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                            return Err(TraceError::AlreadyTracing(dir))
+                        }
+                        Err(e) => return Err(io_err("remove the unused trace instance", &dir)(e)),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return Err(TraceError::AlreadyTracing(dir))
+                }
+                Err(e) => return Err(io_err("create trace instance", &dir)(e)),
             }
-            Err(e) => Err(io_err("create trace instance", &dir)(e)),
         }
+    }
+
+    /// Takes over an existing instance (handed over by a clean stop); removed on drop
+    /// like one this process created.
+    pub(crate) fn adopt(dir: PathBuf) -> Self {
+        Instance {
+            dir,
+            removed: false,
+        }
+    }
+
+    /// Lets the instance live on after this process (hand-over): never removed.
+    pub(crate) fn keep(mut self) {
+        self.removed = true;
     }
 
     /// The instance directory.
@@ -342,6 +394,23 @@ impl Drop for Instance {
     }
 }
 
+/// Removes an instance that should be unused with a bare rmdir: the kernel refuses
+/// (EBUSY) while a file of the instance is open, so a live tracer is never disturbed,
+/// and it disables the events of an unused one itself. EBUSY is retried for half a
+/// second: a process forked meanwhile holds copies of its parent's files until it
+/// execs (close-on-exec), which may briefly pin an instance nobody uses.
+pub(crate) fn remove_unused_instance(dir: &Path) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Disables our event in `dir` and removes the instance directory.
 pub(crate) fn remove_instance(dir: &Path) -> Result<(), TraceError> {
     // Stop new events first; the directory may already be gone.
@@ -359,20 +428,27 @@ pub(crate) fn remove_instance(dir: &Path) -> Result<(), TraceError> {
     }
 }
 
-/// Removes `boomerang-<pid>-*` instances whose process is gone (an agent killed with
-/// SIGKILL cannot clean up; its instance would keep a ring buffer allocated forever).
+/// The pid of an instance name of the older `boomerang-<pid>-<major>-<minor>` form;
+/// `None` for any other name (today's `boomerang-<major>-<minor>` included).
+pub(crate) fn legacy_instance_pid(name: &str) -> Option<u32> {
+    let parts: Vec<&str> = name.strip_prefix(INSTANCE_PREFIX)?.split('-').collect();
+    if parts.len() != 3 || parts.iter().any(|p| p.parse::<u32>().is_err()) {
+        return None;
+    }
+    parts[0].parse().ok()
+}
+
+/// Removes instances of the older `boomerang-<pid>-<major>-<minor>` form whose process
+/// is gone (left by an agent killed before the upgrade). Today's per-device instances
+/// are only ever removed by a tracer of their own device ([`Instance::create`]): one
+/// may be handed over to an agent that is not running right now.
 pub(crate) fn remove_stale_instances(tracefs: &Path) {
     let Ok(dir) = std::fs::read_dir(tracefs.join("instances")) else {
         return;
     };
     for entry in dir.filter_map(Result::ok) {
         let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(INSTANCE_PREFIX))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
+        let Some(pid) = name.to_str().and_then(legacy_instance_pid) else {
             continue;
         };
         if Path::new(&format!("/proc/{pid}")).exists() {
@@ -557,6 +633,22 @@ mod tests {
             })
         );
         assert_eq!(parse_stats("entries: 1\n"), None);
+    }
+
+    #[test]
+    fn instance_names_old_and_new() {
+        let t = DeviceTarget {
+            major: 7,
+            minor: 3,
+            event_dev: (7, 3),
+            partition: None,
+        };
+        assert_eq!(instance_name(&t), "boomerang-7-3");
+        // Only the older pid-carrying form is ever swept as stale by name.
+        assert_eq!(legacy_instance_pid("boomerang-4242-7-3"), Some(4242));
+        assert_eq!(legacy_instance_pid("boomerang-7-3"), None);
+        assert_eq!(legacy_instance_pid("boomerang-a-7-3"), None);
+        assert_eq!(legacy_instance_pid("other-1-7-3"), None);
     }
 
     #[test]
