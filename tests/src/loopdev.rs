@@ -85,6 +85,10 @@ impl LoopDevice {
 impl Drop for LoopDevice {
     fn drop(&mut self) {
         if self.attached {
+            // A trace agent stopped cleanly hands its trace instance over to the next
+            // start; nobody will start again on this device, and the next test may
+            // get the same device numbers.
+            crate::tracefs::SweepInstances::for_device(&self.device).sweep();
             let mut cmd = Command::new(cleanup_tool("losetup"));
             cmd.arg("-d").arg(&self.device);
             warn_unless_ok(&mut cmd);
