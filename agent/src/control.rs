@@ -143,6 +143,9 @@ fn log_directive(group: &str, action: Action) {
         Action::Forget => {
             warn!(%group, "the master target committed the group's failover: stopping replication")
         }
+        Action::Resync => {
+            warn!(%group, "the master target rolled a replica back (a failover was cancelled): new generation, resync by scan")
+        }
     }
 }
 

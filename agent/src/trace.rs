@@ -644,6 +644,12 @@ impl Tracer {
         }
     }
 
+    /// Declares tracking lost from outside (the replica no longer holds what was
+    /// shipped): the owner resyncs as for lost events.
+    pub fn mark_lost(&self, reason: &str) {
+        self.shared.set_lost(reason.to_string());
+    }
+
     /// Why tracking was lost, if it was. Lost is final for this tracer.
     pub fn lost(&self) -> Option<String> {
         self.shared.lock().lost.clone()

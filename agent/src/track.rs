@@ -188,6 +188,8 @@ impl Syncer {
         let ship_every = Duration::from_millis(cfg.ship_interval_ms);
         let mut schedule = PointSchedule::new(cfg, can_pause);
         let mut shutdown = self.shutdown.clone();
+        // At start a rolled-back replica already made this run begin a new generation.
+        let mut resynced_for_master = directives.current() == Action::Resync;
         let result: anyhow::Result<TrackStop> = loop {
             tokio::select! {
                 _ = tokio::time::sleep(schedule.sleep(ship_every)) => {}
@@ -197,12 +199,22 @@ impl Syncer {
             if *self.shutdown.borrow() {
                 break Ok(TrackStop::Signal);
             }
+            // A resync asked for is done once; the master target answers Continue
+            // again once it sees the new generation.
+            let mut rolled_back = false;
             match directives.current() {
-                Action::Continue => {}
+                Action::Continue => resynced_for_master = false,
+                Action::Resync => rolled_back = !resynced_for_master,
                 Action::ShutDown => break Ok(TrackStop::ShutDown),
                 Action::Forget => break Ok(TrackStop::Forgotten),
             }
             let resyncs = report.resyncs;
+            if rolled_back {
+                resynced_for_master = true;
+                for t in disks.iter_mut() {
+                    t.tracer.mark_lost("the master target rolled the replica back");
+                }
+            }
             if let Err(e) = self.resync_lost(&mut disks, &mut report).await {
                 break Err(e);
             }

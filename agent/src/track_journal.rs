@@ -159,6 +159,8 @@ impl Syncer {
         // Coordinated points wait for the group's next slot instead.
         let mut schedule = PointSchedule::new(cfg, true);
         let mut shutdown = self.shutdown.clone();
+        // At start a rolled-back replica already made this run begin a new generation.
+        let mut resynced_for_master = directives.current() == Action::Resync;
         let mut hook_failed = false;
         let mut result: anyhow::Result<TrackStop> = loop {
             tokio::select! {
@@ -169,8 +171,18 @@ impl Syncer {
             if *self.shutdown.borrow() {
                 break Ok(TrackStop::Signal);
             }
+            // A resync asked for is done once; the master target answers Continue
+            // again once it sees the new generation.
             match directives.current() {
-                Action::Continue => {}
+                Action::Continue => resynced_for_master = false,
+                Action::Resync if !resynced_for_master => {
+                    resynced_for_master = true;
+                    if let Err(e) = self.resync_served(&mut served, &mut report).await {
+                        break Err(e);
+                    }
+                    schedule.crash_now();
+                }
+                Action::Resync => {}
                 Action::ShutDown => break Ok(TrackStop::ShutDown),
                 Action::Forget => break Ok(TrackStop::Forgotten),
             }
@@ -447,6 +459,31 @@ impl Syncer {
     }
 
     /// Ships every disk's journal (then, in bitmap mode, its dirty blocks).
+    /// The replica was rolled back under the stream (a cancelled failover): every
+    /// disk starts a new generation with a scan. What the journal holds so far is on
+    /// the disk the scan reads, and its tags are no cuts of the new generation, so it
+    /// is released unshipped; writes from here on are journaled and shipped after the
+    /// scan, and the next crash-consistent tag makes the replica consistent again.
+    async fn resync_served(
+        &self,
+        served: &mut [Served],
+        report: &mut TrackReport,
+    ) -> anyhow::Result<()> {
+        for s in served.iter_mut() {
+            {
+                let mut cap = lock_capture(&s.capture);
+                let last = cap.journal.next_seq().saturating_sub(1);
+                if last > cap.journal.released_through() {
+                    cap.journal.release_through(last)?;
+                }
+            }
+            warn!(disk = %s.disk.id, "the replica was rolled back at the master target: new generation, resync by scan");
+            self.first_pass(&mut s.disk, now_ms(), true, false).await?;
+            report.resyncs += 1;
+        }
+        Ok(())
+    }
+
     async fn ship_journals(
         &self,
         served: &mut [Served],

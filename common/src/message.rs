@@ -175,6 +175,9 @@ pub enum Action {
     ShutDown,
     /// The failover was committed: stop replicating and forget the group's state.
     Forget,
+    /// The replica was rolled back (a failover that was then cancelled): what the agent
+    /// shipped since no longer applies; start a new generation and resync by scan.
+    Resync,
 }
 
 impl Action {
@@ -183,6 +186,7 @@ impl Action {
             Action::Continue => 1,
             Action::ShutDown => 2,
             Action::Forget => 3,
+            Action::Resync => 4,
         }
     }
 
@@ -191,6 +195,7 @@ impl Action {
             1 => Ok(Action::Continue),
             2 => Ok(Action::ShutDown),
             3 => Ok(Action::Forget),
+            4 => Ok(Action::Resync),
             other => Err(DecodeError::Invalid(format!("unknown action {other}"))),
         }
     }
@@ -816,7 +821,7 @@ mod tests {
                     disks,
                     shut_down
                 }),
-            (1u8..4).prop_map(|c| Message::Directive {
+            (1u8..5).prop_map(|c| Message::Directive {
                 action: Action::from_code(c).unwrap_or(Action::Continue)
             }),
             (

@@ -88,6 +88,10 @@ pub struct DiskRecord {
     /// first (at most [`MAX_POINTS`]; the retention executor prunes them).
     #[serde(default)]
     pub points: Vec<Cut>,
+    /// The replica was rolled back under the stream: the agent must start a new
+    /// generation (it is told so when it checks in); cleared when one starts.
+    #[serde(default)]
+    pub resync_required: bool,
     /// Batches refused because an extent failed its hash.
     pub integrity_failures: u64,
     /// When the last record was applied (ms since epoch).
@@ -109,6 +113,7 @@ impl DiskRecord {
             bytes_applied: 0,
             cut: None,
             points: Vec::new(),
+            resync_required: false,
             integrity_failures: 0,
             last_apply_ms: 0,
         }
@@ -600,6 +605,7 @@ impl Disk {
                     if generation > rec.position.generation {
                         info!(disk = %self.id, from = rec.position.generation, to = generation, "new generation: replica inconsistent until its first tag");
                         rec.cut = None;
+                        rec.resync_required = false;
                     }
                 }
                 apply(self)?;

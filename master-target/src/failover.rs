@@ -261,6 +261,7 @@ impl Site {
                         generation: r.position.generation + 1,
                         next_seq: 0,
                     };
+                    r.resync_required = true;
                 })
                 .await?;
             }

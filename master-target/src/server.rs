@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use boomerang_common::config::Shutdown;
-use boomerang_common::message::{ErrorCode, Message, Role};
+use boomerang_common::message::{Action, ErrorCode, Message, Role};
 use boomerang_common::transport;
 use tracing::{debug, info, warn};
 
@@ -160,9 +160,18 @@ pub async fn handle(site: &Arc<Site>, msg: Message) -> Message {
             agent,
             disks: agent_disks,
             shut_down,
-        } => Message::Directive {
-            action: site.groups.check_in(&group, &agent, agent_disks, shut_down),
-        },
+        } => {
+            let resync = agent_disks.iter().any(|d| {
+                disks
+                    .get(d)
+                    .is_ok_and(|d| d.paused().is_none() && d.record().resync_required)
+            });
+            let action = match site.groups.check_in(&group, &agent, agent_disks, shut_down) {
+                Action::Continue if resync => Action::Resync,
+                action => action,
+            };
+            Message::Directive { action }
+        }
         Message::PointPrepare {
             group,
             agent,

@@ -56,7 +56,7 @@ use boomerang_tests::{
 };
 use serde_json::Value;
 
-use support::{AgentProcess, MIB};
+use support::{replica_path, AgentProcess, MIB};
 
 const GROUP: &str = "g1";
 const KIND_CRASH: &str = "crash-consistent";
@@ -1118,4 +1118,99 @@ fn a_multi_vm_point_missing_an_agent_is_abandoned_cleanly() {
         "a_multi_vm_point_missing_an_agent_is_abandoned_cleanly: took {:?}",
         started.elapsed()
     );
+}
+
+/// A failover rolled back in place while the agent keeps running, then cancelled: the
+/// agent is told at its next check-in that the replica no longer holds what it
+/// shipped, starts a new generation and resyncs by scan while it goes on serving the
+/// disk, and replication converges again: the replica equals the backing image at a
+/// point after the next writes. Without that, everything the agent shipped in its old
+/// generation would be obsolete at the master target, forever.
+#[test]
+fn a_running_agent_resyncs_after_a_cancelled_roll_back() {
+    let Some(_one) = gate("a_running_agent_resyncs_after_a_cancelled_roll_back") else {
+        return;
+    };
+    let ids = ["d0"];
+    let mut site = Site::new(ClusterConfig::default(), &[("d0", 32 * MIB)]);
+    let mut timeline = Timeline::new(site.hashes(&ids));
+    let mut agent = site.spawn_track("agent1", &ids, &["--crash-interval", "1"]);
+    let served = site.wait_serving(&mut agent, &ids);
+    let sizes: Vec<u64> = ids.iter().map(|id| site.disk(id).size).collect();
+    let mut work = Workload::open(&served, &sizes, 7);
+    site.wait_points(&mut [&mut agent], POINT_TIMEOUT, "a first point", |p| {
+        !p.is_empty()
+    });
+    let phase_and_point =
+        |timeline: &mut Timeline, work: &mut Workload, agent: &mut AgentProcess, what: &str| {
+            let w = timeline.phase(
+                || work.phase(8, Duration::from_millis(20)),
+                || site.hashes(&ids),
+            );
+            let from = timeline.windows[w].from_ms;
+            site.wait_points(&mut [agent], POINT_TIMEOUT, what, |ps| {
+                ps.last().is_some_and(|p| p.id > from)
+            });
+            (w, site.points().last().cloned().expect("a point"))
+        };
+    let (w1, p1) = phase_and_point(
+        &mut timeline,
+        &mut work,
+        &mut agent,
+        "a point after phase 1",
+    );
+    phase_and_point(
+        &mut timeline,
+        &mut work,
+        &mut agent,
+        "a point after phase 2",
+    );
+
+    // Roll the replica back to p1 with the agent still running, then cancel.
+    site.cluster
+        .mt_op("failover", GROUP, &point_to_args(&p1.id.to_string(), &[]));
+    let replica = replica_path(&site.cluster, "d0");
+    assert_eq!(
+        sha256_file(&replica),
+        timeline.windows[w1].hashes["d0"],
+        "the replica rolled back in place holds point {}",
+        p1.id
+    );
+    site.cluster.mt_op("failover", GROUP, &["--cancel".into()]);
+    let cancelled_ms = boomerang_common::config::now_ms();
+
+    // New writes; a point after them must show the replica equal to the disk.
+    let (w3, p3) = phase_and_point(
+        &mut timeline,
+        &mut work,
+        &mut agent,
+        "a point after the cancel and phase 3",
+    );
+    assert!(p3.id > cancelled_ms);
+    drop(work);
+    let want = &timeline.windows[w3].hashes["d0"];
+    let t0 = Instant::now();
+    while sha256_file(&replica) != *want {
+        assert!(
+            t0.elapsed() < POINT_TIMEOUT,
+            "the replica did not converge after the cancel\n{}",
+            agent.log_tail(40)
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let log = agent.log_tail(100_000);
+    assert!(
+        !lines_with(&log, "rolled the replica back").is_empty()
+            || !lines_with(&log, "rolled a replica back").is_empty(),
+        "the agent was told to resync:\n{}",
+        agent.log_tail(40)
+    );
+    let t = site.targets("after");
+    site.give_back("test-failover", &p3.id.to_string(), &t);
+    assert_holds(
+        &t,
+        &timeline.windows[w3].hashes,
+        "the first point after the resync",
+    );
+    assert_eq!(site.group_state().as_deref(), Some("protected"));
 }
