@@ -212,7 +212,8 @@ impl Syncer {
             if rolled_back {
                 resynced_for_master = true;
                 for t in disks.iter_mut() {
-                    t.tracer.mark_lost("the master target rolled the replica back");
+                    t.tracer
+                        .mark_lost("the master target rolled the replica back");
                 }
             }
             if let Err(e) = self.resync_lost(&mut disks, &mut report).await {

@@ -662,7 +662,9 @@ fn decode_bool(r: &mut Reader, what: &str) -> Result<bool, DecodeError> {
     match r.u8(what)? {
         0 => Ok(false),
         1 => Ok(true),
-        other => Err(DecodeError::Invalid(format!("{what}: {other} is not a boolean"))),
+        other => Err(DecodeError::Invalid(format!(
+            "{what}: {other} is not a boolean"
+        ))),
     }
 }
 
@@ -841,13 +843,13 @@ mod tests {
                         deadline_ms,
                     }
                 }),
-            (any::<u64>(), any::<bool>(), "[ -~]{0,40}").prop_map(
-                |(point_id, commit, reason)| Message::PointDecision {
+            (any::<u64>(), any::<bool>(), "[ -~]{0,40}").prop_map(|(point_id, commit, reason)| {
+                Message::PointDecision {
                     point_id,
                     commit,
-                    reason
+                    reason,
                 }
-            ),
+            }),
         ]
     }
 
