@@ -34,10 +34,10 @@ mod support;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -47,9 +47,10 @@ use boomerang_common::durable::StateFile;
 use boomerang_tests::cli::{self, AgentSyncArgs, CUT_APP_CONSISTENT};
 use boomerang_tests::cluster::boomerang_command;
 use boomerang_tests::disk::{byte_size, sha256_file};
-use boomerang_tests::privileged::{find_tool, privileged_tests_required, PRIVILEGED_ENV};
+use boomerang_tests::privileged::find_tool;
 use boomerang_tests::process::run;
 use boomerang_tests::rng::{fill_text, DataRng};
+use boomerang_tests::tracefs::{self, major_minor, DEFAULT_TRACEFS, INSTANCE_PREFIX};
 use boomerang_tests::{
     assert_trees_equal, e2fsck_clean, hash_tree, mkfs_ext4, require_privileged, write_tree,
     Cluster, ClusterConfig, LoopDevice, Mount, Need,
@@ -64,6 +65,7 @@ const NEEDS: &[Need] = &[
     Need::LoopDevices,
     Need::Ext4Tools,
     Need::Fsfreeze,
+    Need::Tracefs,
 ];
 const DISK: &str = "d0";
 const AGENT: &str = "agent1";
@@ -86,84 +88,19 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const WORK_DIR: &str = "work";
 /// Live bytes the writer keeps at most (the filesystem holds 256 MiB).
 const WRITER_LIVE_LIMIT: u64 = 48 * MIB;
-/// Where tracefs lives when nobody mounted it (the agent mounts it there).
-const DEFAULT_TRACEFS: &str = "/sys/kernel/tracing";
-/// The agent's trace instances: `instances/boomerang-<major>-<minor>`, one per device
-/// (older agents named theirs `boomerang-<pid>-<major>-<minor>`).
-const INSTANCE_PREFIX: &str = "boomerang-";
 
 // ---------------------------------------------------------------------------------
 // Gating
 
-/// [`require_privileged`] plus a usable tracefs, with the same skip-or-fail rule.
+/// [`require_privileged`] with a usable tracefs among the needs.
 fn gate(test: &str) -> bool {
-    if !require_privileged(test, NEEDS) {
-        return false;
-    }
-    match tracefs_usable() {
-        Ok(()) => true,
-        Err(why) => {
-            if privileged_tests_required() {
-                panic!("{test}: {PRIVILEGED_ENV}=1 but tracefs is not usable: {why}");
-            }
-            let line = format!(
-                "SKIPPED {test}: tracefs: {why} (set {PRIVILEGED_ENV}=1 to make this a failure)"
-            );
-            println!("{line}");
-            let _ = writeln!(std::io::stderr(), "{line}");
-            false
-        }
-    }
-}
-
-/// The first tracefs mount with an `instances/` directory, from `/proc/self/mountinfo`.
-fn tracefs_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines()
-        .filter_map(|line| {
-            let (mount, fs) = line.split_once(" - ")?;
-            (fs.split_whitespace().next()? == "tracefs")
-                .then(|| PathBuf::from(mount.split_whitespace().nth(4).unwrap_or_default()))
-        })
-        .find(|p| p.join("instances").is_dir())
-}
-
-/// Whether the agent can trace: a tracefs with the block tracepoint where instances can
-/// be made, or none mounted yet but the place the agent mounts it.
-fn tracefs_usable() -> Result<(), String> {
-    let Some(root) = tracefs_mount() else {
-        return if Path::new(DEFAULT_TRACEFS).is_dir() {
-            Ok(()) // the agent mounts it itself
-        } else {
-            Err(format!(
-                "not mounted and {DEFAULT_TRACEFS} does not exist (kernel without CONFIG_TRACING?)"
-            ))
-        };
-    };
-    let event = root.join("events/block/block_bio_queue");
-    if !event.is_dir() {
-        return Err(format!(
-            "{} missing (kernel without block tracepoints?)",
-            event.display()
-        ));
-    }
-    // Instances are what the agent uses: make one and remove it again.
-    static PROBES: AtomicU64 = AtomicU64::new(0);
-    let probe = root.join("instances").join(format!(
-        "btest-probe-{}-{}",
-        std::process::id(),
-        PROBES.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir(&probe)
-        .map_err(|e| format!("cannot create a trace instance {}: {e}", probe.display()))?;
-    std::fs::remove_dir(&probe)
-        .map_err(|e| format!("cannot remove the trace instance {}: {e}", probe.display()))
+    require_privileged(test, NEEDS)
 }
 
 /// The agent's trace instance of block device `dev` (whether it exists or not).
 fn instance_of(dev: &Path) -> PathBuf {
     let (major, minor) = major_minor(dev);
-    tracefs_mount()
+    tracefs::mount_point()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_TRACEFS))
         .join("instances")
         .join(format!("{INSTANCE_PREFIX}{major}-{minor}"))
@@ -730,16 +667,6 @@ fn uint(report: &Value, key: &str) -> u64 {
     report[key]
         .as_u64()
         .unwrap_or_else(|| panic!("`{key}` is not an unsigned integer in {report}"))
-}
-
-/// `(major, minor)` of a block device node (glibc's `gnu_dev_major`/`gnu_dev_minor`).
-fn major_minor(dev: &Path) -> (u64, u64) {
-    let rdev = std::fs::metadata(dev)
-        .unwrap_or_else(|e| panic!("stat {}: {e}", dev.display()))
-        .rdev();
-    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
-    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
-    (major, minor)
 }
 
 // ---------------------------------------------------------------------------------
