@@ -872,10 +872,6 @@ fn a_tiny_journal_drops_to_bitmap_mode_and_recovers() {
     );
 }
 
-/// kill -9 while a writer writes through the loop device: the FUSE mount is left dead,
-/// a restart refuses it naming `umount -l`; after `umount -l` the restart starts a new
-/// generation (unclean stop: resync by scan) and, used again and stopped cleanly, the
-/// replica equals the backing image.
 /// ext4 mounted `-o discard` on the loop device over the served file: deleting files
 /// (and `fstrim`) sends discards, which the loop device turns into punched holes of
 /// the served file. The agent punches them in the backing image, journals them as
@@ -978,6 +974,10 @@ fn allocated_bytes(path: &Path) -> u64 {
         * 512
 }
 
+/// kill -9 while a writer writes through the loop device: the FUSE mount is left dead,
+/// a restart refuses it naming `umount -l`; after `umount -l` the restart starts a new
+/// generation (unclean stop: resync by scan) and, used again and stopped cleanly, the
+/// replica equals the backing image.
 #[test]
 fn kill9_while_serving_then_restart() {
     if !gate("kill9_while_serving_then_restart") {
