@@ -262,6 +262,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     } else {
         Wait::MasterTarget
     };
+    let _lock = boomerang_common::durable::lock_dir(&config.state_dir, "agent")?;
     runtime().map_err(anyhow::Error::msg)?.block_on(async move {
         let shutdown = shutdown_on_signals();
         let endpoint = transport::client_endpoint(&config.tls).context("setting up QUIC")?;

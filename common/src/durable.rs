@@ -48,6 +48,16 @@ pub enum DurableError {
         /// Which file.
         path: PathBuf,
     },
+    /// Another process holds the directory's lock.
+    #[error("{path} is in use by another {what} (pid {holder}): stop it first, or give this one a directory of its own")]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+        /// Which role.
+        what: String,
+        /// The holder's pid, as it wrote it.
+        holder: String,
+    },
     /// The state does not (de)serialise.
     #[error("state file {path}: {reason}")]
     Format {
@@ -113,6 +123,54 @@ pub fn create_dir_durable(dir: &Path) -> Result<(), DurableError> {
     }
     std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     fsync_dir(&parent_dir(dir))
+}
+
+/// An exclusive lock on a state directory, held while this value lives: two daemons
+/// (or agents) writing the same state would break every rule the state keeps. It is
+/// an `flock` on `<dir>/lock`, so the kernel releases it when the process dies, also by
+/// kill -9; the file holds the holder's pid for the error message.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+/// Creates `dir` if needed and takes its lock, or says who holds it.
+pub fn lock_dir(dir: &Path, what: &str) -> Result<DirLock, DurableError> {
+    use std::io::{Read, Seek};
+    use std::os::fd::AsRawFd;
+    create_dir_durable(dir)?;
+    let path = dir.join("lock");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&path)
+        .map_err(io_err("open", &path))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(DurableError::Io {
+                step: "lock",
+                path,
+                source: err,
+            });
+        }
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        return Err(DurableError::Locked {
+            path: dir.to_path_buf(),
+            what: what.to_string(),
+            holder: holder.trim().chars().take(20).collect(),
+        });
+    }
+    file.set_len(0).map_err(io_err("truncate", &path))?;
+    file.rewind().map_err(io_err("rewind", &path))?;
+    write!(file, "{}", std::process::id()).map_err(io_err("write", &path))?;
+    Ok(DirLock { _file: file })
 }
 
 /// A small, often-updated state `T`, stored as JSON in a two-slot file (see the module
@@ -268,6 +326,22 @@ fn decode_slot<T: DeserializeOwned>(buf: &[u8]) -> Option<(u64, T)> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_state_directory_has_one_holder_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = lock_dir(dir.path(), "master target").expect("first lock");
+        let err = lock_dir(dir.path(), "master target").expect_err("second lock refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("in use by another master target")
+                && msg.contains(&std::process::id().to_string()),
+            "{msg}"
+        );
+        drop(held);
+        lock_dir(dir.path(), "master target").expect("free again once released");
+    }
+
     use super::*;
 
     #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

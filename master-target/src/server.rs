@@ -25,6 +25,7 @@ pub async fn run(config: MtConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         .validate()
         .map_err(anyhow::Error::msg)
         .context("invalid configuration")?;
+    let _lock = boomerang_common::durable::lock_dir(&config.state_dir, "master target")?;
     let disks = Arc::new(
         Disks::open(
             &config.state_dir,

@@ -20,6 +20,7 @@ pub async fn run(config: PsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         .validate()
         .map_err(anyhow::Error::msg)
         .context("invalid configuration")?;
+    let _lock = boomerang_common::durable::lock_dir(&config.spool_dir, "process server")?;
     let spool = Spool::open(&config.spool_dir, config.spool_max_mib << 20)
         .with_context(|| format!("opening the spool in {}", config.spool_dir.display()))?;
     let endpoint = transport::server_endpoint(config.listen, &config.tls)
