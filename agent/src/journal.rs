@@ -418,9 +418,16 @@ impl Journal {
         Ok(records)
     }
 
+    /// Frees every record appended so far, shipped or not: for when a scan in a new
+    /// generation covers what they hold.
+    pub fn release_all(&mut self) -> Result<(), JournalError> {
+        self.release_through(self.next_seq.saturating_sub(1))
+    }
+
     /// Frees every record up to `seq` (after the process server's durable ack): the
     /// released-through seq is stored durably first, then every segment whose records
-    /// are all released, except the active one, is deleted.
+    /// are all released, except the active one, is deleted. Records already released
+    /// are ignored.
     pub fn release_through(&mut self, seq: u64) -> Result<(), JournalError> {
         if seq <= self.released_through() {
             return Ok(());

@@ -84,10 +84,7 @@ impl Syncer {
                 // After an unclean stop the journal may have lost its tail: replaying
                 // what is left over the rescanned disk could bring back old data. The
                 // new generation's scan ships the disk as it is.
-                let last = journal.next_seq().saturating_sub(1);
-                if last > journal.released_through() {
-                    journal.release_through(last)?;
-                }
+                journal.release_all()?;
             }
             let bitmap_path = cfg.state_dir.join(format!("{}.bitmap", d.id));
             let bitmap = if bitmap_path.exists() && !disk.state.get().tracking {
@@ -470,13 +467,7 @@ impl Syncer {
         report: &mut TrackReport,
     ) -> anyhow::Result<()> {
         for s in served.iter_mut() {
-            {
-                let mut cap = lock_capture(&s.capture);
-                let last = cap.journal.next_seq().saturating_sub(1);
-                if last > cap.journal.released_through() {
-                    cap.journal.release_through(last)?;
-                }
-            }
+            lock_capture(&s.capture).journal.release_all()?;
             warn!(disk = %s.disk.id, "the replica was rolled back at the master target: new generation, resync by scan");
             self.first_pass(&mut s.disk, now_ms(), true, false).await?;
             report.resyncs += 1;

@@ -54,24 +54,9 @@ impl Capture {
     /// the bitmap (tracking stays exact, only order is lost) and is kept as
     /// [`Capture::resync_reason`] for the agent.
     pub fn record_write(&mut self, disk: &str, offset: u64, data: &[u8]) -> Captured {
-        let len = data.len() as u64;
-        if self.state.mode() == Mode::Bitmap {
-            self.state.mark(offset, len);
-            return Captured::Marked;
-        }
-        match self.journal.append_write(disk, offset, data) {
-            Ok(seq) => Captured::Journaled(seq),
-            Err(AppendError::Full { .. }) => {
-                self.state.on_full();
-                self.state.mark(offset, len);
-                Captured::Marked
-            }
-            Err(AppendError::Journal(e)) => {
-                self.lost_trust(format!("journal append failed: {e}"));
-                self.state.mark(offset, len);
-                Captured::Marked
-            }
-        }
+        self.record(offset, data.len() as u64, |j| {
+            j.append_write(disk, offset, data)
+        })
     }
 
     /// Records that `len` bytes at `offset` of `disk` read back as zeros, now that a
@@ -80,11 +65,22 @@ impl Capture {
     /// blocks are marked like a write's (shipped as read from the disk: zeros). Never
     /// fails, as [`Capture::record_write`].
     pub fn record_zero(&mut self, disk: &str, offset: u64, len: u64) -> Captured {
+        self.record(offset, len, |j| j.append_zero(disk, offset, len))
+    }
+
+    /// Journals a change of `[offset, offset + len)` with `append` in journal mode,
+    /// or marks its blocks (bitmap mode, a full journal, a failed append).
+    fn record(
+        &mut self,
+        offset: u64,
+        len: u64,
+        append: impl FnOnce(&mut Journal) -> Result<u64, AppendError>,
+    ) -> Captured {
         if self.state.mode() == Mode::Bitmap {
             self.state.mark(offset, len);
             return Captured::Marked;
         }
-        match self.journal.append_zero(disk, offset, len) {
+        match append(&mut self.journal) {
             Ok(seq) => Captured::Journaled(seq),
             Err(AppendError::Full { .. }) => {
                 self.state.on_full();
