@@ -132,12 +132,14 @@ pub async fn serve(
 async fn connection(stream: tokio::net::UnixStream, site: Arc<Site>) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64);
-    let mut line = String::new();
+    // Bytes, not a String: a line that is not UTF-8 is answered like any other
+    // malformed request instead of dropping the connection unanswered.
+    let mut line = Vec::new();
     reader
-        .read_line(&mut line)
+        .read_until(b'\n', &mut line)
         .await
         .context("reading the request")?;
-    let request: Request = match serde_json::from_str(&line) {
+    let request: Request = match serde_json::from_slice(&line) {
         Ok(r) => r,
         Err(e) => {
             let reply = Reply::Failed(format!("malformed request: {e}"));
@@ -314,4 +316,51 @@ pub fn call(state_dir: &Path, request: &Request, json: bool) -> anyhow::Result<s
         }
     }
     bail!("the master target closed the control connection before answering; see its log and `boomerang-mt status`")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disks::Disks;
+    use crate::groups::Groups;
+
+    async fn ask(path: &Path, line: &[u8]) -> Reply {
+        let mut s = tokio::net::UnixStream::connect(path)
+            .await
+            .expect("connect");
+        s.write_all(line).await.expect("send");
+        let mut lines = tokio::io::BufReader::new(s).lines();
+        let mut last = None;
+        while let Some(l) = lines.next_line().await.expect("read") {
+            last = Some(serde_json::from_str(&l).expect("a reply line"));
+        }
+        last.expect("an answer")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_requests_are_answered_and_the_socket_keeps_serving() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let disks = Disks::open(&state, &dir.path().join("ret"), 1 << 20, Default::default())
+            .expect("disks");
+        let site = Arc::new(Site {
+            disks: Arc::new(disks),
+            groups: Arc::new(Groups::open(&state).expect("groups")),
+            drain_timeout: std::time::Duration::from_secs(1),
+        });
+        let task = serve(&state, site).await.expect("serve");
+        let path = socket_path(&state);
+        for bad in [&b"not json\n"[..], b"{\"op\":\"explode\"}\n", b"\xff\xfe\n"] {
+            match ask(&path, bad).await {
+                Reply::Failed(why) => assert!(why.contains("malformed"), "{why}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        // A well-formed request for an unknown group fails with a reason, no panic.
+        match ask(&path, b"{\"op\":\"commit\",\"group\":\"nobody\"}\n").await {
+            Reply::Failed(why) => assert!(why.contains("nobody"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        task.abort();
+    }
 }

@@ -763,6 +763,36 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_record_in_an_older_segment_fails_the_write_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut j = UndoJournal::open(dir.path())
+            .expect("open")
+            .with_segment_bytes(1024);
+        // Non-zero before-images, so the first record carries a payload.
+        let mut disk = noise(77, 1 << 20);
+        for i in 0..4 {
+            write(&mut j, &mut disk, i * 65536, &noise(i as u8 + 1, 65536));
+            write(&mut j, &mut disk, i * 65536, &noise(i as u8 + 9, 65536));
+        }
+        assert!(j.segments.len() >= 3, "several segments");
+        let first = j.segments[0].path.clone();
+        drop(j);
+        // Flip one payload byte of the first record of a closed segment: open does not
+        // read closed payloads, but giving history back checks every record it uses.
+        let mut bytes = std::fs::read(&first).expect("read");
+        bytes[HEADER + 10] ^= 0x20;
+        std::fs::write(&first, &bytes).expect("write");
+        let j = UndoJournal::open(dir.path()).expect("reopen");
+        let mut m = Mem(disk.clone());
+        let err = j
+            .history(0)
+            .expect("history")
+            .write_back(&mut m, |_| {})
+            .expect_err("a damaged record is refused");
+        assert!(matches!(err, RetentionError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
     fn segments_roll_prune_and_truncate() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut j = UndoJournal::open(dir.path()).expect("open");
