@@ -8,9 +8,12 @@
 pub mod config;
 pub mod delta;
 pub mod durable;
+pub mod faults;
 pub mod hash;
 pub mod message;
 pub mod pki;
+pub mod seglog;
+pub mod storage;
 pub mod transport;
 pub mod wire;
 
