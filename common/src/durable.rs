@@ -1,24 +1,28 @@
-//! The one place that makes files durable. Every fsync Boomerang relies on outside the
-//! hot data paths (spool segments, replica writes) happens here, and each says why.
+//! Durable small files: every fsync Boomerang relies on outside the logs
+//! ([`crate::seglog`]) and the replicas happens here, and each says why. All IO goes
+//! through [`crate::storage`], so failure points reach it.
 //!
 //! - [`write_atomic`]: whole-file replace (configs, certificates, manifests).
 //! - [`StateFile`]: small state that changes often (a replica's durable seq, an
 //!   agent's sync cursor), updated in place with one `fdatasync` per update.
 //!
 //! State file layout: two slots of [`SLOT_LEN`] bytes; an update writes the slot the
-//! last good state is *not* in, so a torn write can only destroy the new state, never
-//! the old one.
+//! last good state is *not* in (the file is created with its state in slot 1, so the
+//! first update goes to slot 0), so a torn write can only destroy the new state, never
+//! the old one. A failed update may be retried: it rewrites the whole other slot.
 //! ```text
 //!  slot: magic "BMST" | version u16 | 0 u16 | counter u64 | len u32 | crc32 u32 | json
 //! ```
 //! The crc32 covers the counter, the length and the JSON. Reading takes the valid slot
 //! with the higher counter.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::storage;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
@@ -28,6 +32,12 @@ pub const SLOT_LEN: usize = 64 * 1024;
 const SLOT_HEADER: usize = 24;
 const STATE_MAGIC: [u8; 4] = *b"BMST";
 const STATE_VERSION: u16 = 1;
+/// Fault-injection scope of state files.
+const STATE_SCOPE: &str = "state";
+/// Fault-injection scope of atomic replaces.
+const ATOMIC_SCOPE: &str = "atomic";
+/// Fault-injection scope of directory creation and fsyncs.
+const DIR_SCOPE: &str = "dir";
 
 /// Errors of durable file operations, naming the file and the step.
 #[derive(Debug, Error)]
@@ -78,9 +88,7 @@ fn io_err<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> D
 
 /// fsyncs a directory so that entries created, renamed or removed in it survive a crash.
 pub fn fsync_dir(dir: &Path) -> Result<(), DurableError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))
+    storage::fsync_dir(DIR_SCOPE, dir).map_err(io_err("fsync directory", dir))
 }
 
 /// Replaces `path` with `data` atomically and durably: write a temp file beside it,
@@ -93,18 +101,37 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), DurableEr
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    f.write_all(data).map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("fsync", &tmp))?;
+    static TEMP: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".{name}.tmp.{}.{}",
+        std::process::id(),
+        TEMP.fetch_add(1, Ordering::Relaxed)
+    ));
+    // O_EXCL: never write through something planted at the temp name (a symlink).
+    // A leftover of a crashed run with the same name is removed (unlinking a symlink
+    // removes the link, not its target), once.
+    let f = match storage::File::create_new(ATOMIC_SCOPE, &tmp, mode) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            storage::remove_file(ATOMIC_SCOPE, &tmp).map_err(io_err("remove stale", &tmp))?;
+            storage::File::create_new(ATOMIC_SCOPE, &tmp, mode)
+        }
+        other => other,
+    }
+    .map_err(io_err("create", &tmp))?;
+    let written = f
+        .write_all_at(data, 0)
+        .map_err(io_err("write", &tmp))
+        // The data must be on disk before the name points at it.
+        .and_then(|()| f.sync_all().map_err(io_err("fsync", &tmp)));
     drop(f);
-    std::fs::rename(&tmp, path).map_err(io_err("rename into place", path))?;
+    let renamed = written.and_then(|()| {
+        storage::rename(ATOMIC_SCOPE, &tmp, path).map_err(io_err("rename into place", path))
+    });
+    if let Err(e) = renamed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // The rename itself survives a crash only once the directory is synced.
     fsync_dir(&dir)
 }
 
@@ -115,14 +142,10 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// Creates `dir` and its parents if needed, and fsyncs the parent so the new
-/// directory survives a crash.
+/// Creates `dir` and its parents if needed (mode 0700: they hold protected machines'
+/// data), and fsyncs each parent so the new directories survive a crash.
 pub fn create_dir_durable(dir: &Path) -> Result<(), DurableError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-    fsync_dir(&parent_dir(dir))
+    storage::create_dir_all(DIR_SCOPE, dir).map_err(io_err("create directory", dir))
 }
 
 /// An exclusive lock on a state directory, held while this value lives: two daemons
@@ -131,7 +154,7 @@ pub fn create_dir_durable(dir: &Path) -> Result<(), DurableError> {
 /// kill -9; the file holds the holder's pid for the error message.
 #[derive(Debug)]
 pub struct DirLock {
-    _file: File,
+    _file: std::fs::File,
 }
 
 /// Creates `dir` if needed and takes its lock, or says who holds it.
@@ -145,7 +168,7 @@ pub fn lock_dir(dir: &Path, what: &str) -> Result<DirLock, DurableError> {
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o644)
+        .mode(storage::FILE_MODE)
         .open(&path)
         .map_err(io_err("open", &path))?;
     // SAFETY: flock on a descriptor we own; no memory is involved.
@@ -178,8 +201,10 @@ pub fn lock_dir(dir: &Path, what: &str) -> Result<DirLock, DurableError> {
 #[derive(Debug)]
 pub struct StateFile<T> {
     path: PathBuf,
-    file: File,
+    file: storage::File,
     counter: u64,
+    /// The slot holding `value`; the next store writes the other one.
+    slot: u64,
     value: T,
 }
 
@@ -192,7 +217,8 @@ impl<T: Serialize + DeserializeOwned + Clone> StateFile<T> {
         }
         let mut image = vec![0u8; 2 * SLOT_LEN];
         let slot = encode_slot(path, 1, &initial)?;
-        image[..slot.len()].copy_from_slice(&slot);
+        // Slot 1, so that the first store goes to slot 0 and leaves this one intact.
+        image[SLOT_LEN..SLOT_LEN + slot.len()].copy_from_slice(&slot);
         // write_atomic fsyncs the file and its directory: a crash leaves either no
         // state file or a complete one.
         write_atomic(path, &image, 0o600)?;
@@ -201,29 +227,28 @@ impl<T: Serialize + DeserializeOwned + Clone> StateFile<T> {
 
     /// Opens an existing state file; fails if neither slot is valid.
     pub fn open(path: &Path) -> Result<Self, DurableError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(io_err("open state file", path))?;
-        let mut best: Option<(u64, T)> = None;
+        let file =
+            storage::File::open_rw(STATE_SCOPE, path).map_err(io_err("open state file", path))?;
+        let mut best: Option<(u64, u64, T)> = None;
         for slot in 0..2u64 {
             let mut buf = vec![0u8; SLOT_LEN];
-            let n = read_at_most(&file, &mut buf, slot * SLOT_LEN as u64)
+            let n = file
+                .read_at_most(&mut buf, slot * SLOT_LEN as u64)
                 .map_err(io_err("read state file", path))?;
             if let Some((counter, value)) = decode_slot::<T>(&buf[..n]) {
-                if best.as_ref().is_none_or(|(c, _)| counter > *c) {
-                    best = Some((counter, value));
+                if best.as_ref().is_none_or(|(c, _, _)| counter > *c) {
+                    best = Some((counter, slot, value));
                 }
             }
         }
-        let (counter, value) = best.ok_or_else(|| DurableError::Damaged {
+        let (counter, slot, value) = best.ok_or_else(|| DurableError::Damaged {
             path: path.to_path_buf(),
         })?;
         Ok(StateFile {
             path: path.to_path_buf(),
             file,
             counter,
+            slot,
             value,
         })
     }
@@ -233,12 +258,14 @@ impl<T: Serialize + DeserializeOwned + Clone> StateFile<T> {
         &self.value
     }
 
-    /// Writes `value` into the older slot and fdatasyncs: when this returns, `value`
-    /// survives a crash.
+    /// Writes `value` into the slot the current state is not in and fdatasyncs: when
+    /// this returns, `value` survives a crash. On an error the current state is still
+    /// the one on disk, and a retry is safe (it rewrites that whole slot).
     pub fn store(&mut self, value: T) -> Result<(), DurableError> {
         let counter = self.counter + 1;
         let slot = encode_slot(&self.path, counter, &value)?;
-        let at = (counter % 2) * SLOT_LEN as u64;
+        let other = 1 - self.slot;
+        let at = other * SLOT_LEN as u64;
         self.file
             .write_all_at(&slot, at)
             .map_err(io_err("write state file", &self.path))?;
@@ -246,6 +273,7 @@ impl<T: Serialize + DeserializeOwned + Clone> StateFile<T> {
             .sync_data()
             .map_err(io_err("fdatasync state file", &self.path))?;
         self.counter = counter;
+        self.slot = other;
         self.value = value;
         Ok(())
     }
@@ -254,19 +282,6 @@ impl<T: Serialize + DeserializeOwned + Clone> StateFile<T> {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-fn read_at_most(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], at + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 fn encode_slot<T: Serialize>(
@@ -343,6 +358,7 @@ mod tests {
     }
 
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
     struct S {
@@ -397,6 +413,54 @@ mod tests {
             1,
             "no temp file left"
         );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct S {
+        seq: u64,
+    }
+
+    #[test]
+    fn a_torn_first_store_keeps_the_initial_state() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("state");
+        let mut st = StateFile::open_or_create(&path, S { seq: 1 })?;
+        {
+            let _torn = crate::faults::arm_under(dir.path(), "state.write@1=short")?;
+            st.store(S { seq: 2 }).expect_err("injected short write");
+        }
+        drop(st);
+        assert_eq!(StateFile::<S>::open(&path)?.get(), &S { seq: 1 });
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_atomic_replace_keeps_the_old_file_and_no_temp(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("cfg");
+        write_atomic(&path, b"old", 0o600)?;
+        for rule in [
+            "atomic.write@1=short",
+            "atomic.sync@1=eio",
+            "atomic.rename@1=eio",
+        ] {
+            let _armed = crate::faults::arm_under(dir.path(), rule)?;
+            let err = write_atomic(&path, b"new content", 0o600).expect_err(rule);
+            assert!(err.to_string().contains("cfg"), "{rule}: {err}");
+            assert_eq!(std::fs::read(&path)?, b"old", "{rule}");
+            assert_eq!(
+                std::fs::read_dir(dir.path())?.count(),
+                1,
+                "{rule}: no temp left"
+            );
+        }
         Ok(())
     }
 }
