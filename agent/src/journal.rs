@@ -9,74 +9,58 @@
 //!
 //! # On-disk layout
 //! In `<state dir>/journal/`:
-//! - `seg-<first seq, 16 hex digits>.jnl`: segment files, replayed in name order.
+//! - `seg-<first seq, 16 hex digits>.jnl`: the segments of a
+//!   [`seglog`](boomerang_common::seglog) log of kind `AJNL` (segment and record
+//!   headers, checksums, torn-tail rules and the fsync contract are seglog's). A
+//!   record's lsn is its journal seq.
 //! - `released.state`: the released-through seq, a [`StateFile`] (two slots, crc,
 //!   fdatasync).
+//! - `damaged-<unix ms>/`: segments set aside when the journal was found damaged
+//!   outside its torn tail (see Recovery); kept for inspection, never read again.
 //!
 //! ```text
-//!  segment header (24 bytes):
-//!   0       4       6       8               16      20      24
-//!   | magic | ver   | 0     | first seq     | 0     | crc32 |    crc32 over bytes 0..20
-//!   | BMJS  | u16LE | u16LE | u64 LE        | u32   | u32LE |
-//!
-//!  record (24-byte header, then payload):
-//!   0       4     5      6       8             12            20      24
-//!   | magic | ver | kind | 0     | payload len | journal seq | crc32 | payload ...
-//!   | BMJR  | u8  | u8   | u16   | u32 LE      | u64 LE      | u32LE |
-//!   crc32 over header bytes 0..20 and the payload; payload length capped at
-//!   1 + 128 + 8 + 8 MiB before anything is allocated.
-//!
 //!  payload, kind 1 (write): disk id len u8 | disk id | offset u64 LE | data
 //!  payload, kind 2 (tag):   disk id len u8 | disk id | tag kind u8 | point id u64 LE
 //!                           | time ms u64 LE
 //!  payload, kind 3 (zero):  disk id len u8 | disk id | offset u64 LE | len u64 LE
 //! ```
-//! Record versions: writes and tags are version 1; zero records (a discard or
-//! zero-out the workload issued: the range reads back as zeros) were added with
-//! version 2 and are written as version 2, so a build that knows only version 1
-//! refuses a journal holding one as unsupported rather than cutting it, and reads
-//! every journal without one as before.
-//! Journal seqs start at 1 and are contiguous: record `i` of a segment has seq
-//! `first seq + i`. A segment is closed once the next record would take it past the
-//! segment target (an eighth of the capacity, between 4 KiB and 64 MiB), so at most
-//! about an eighth of the capacity is held by released records not yet deleted.
-//! In memory the journal keeps, per segment, the offset of each record (8 bytes per
-//! record: under 2% of the capacity for writes of 512 bytes or more), so reads seek
-//! straight to a seq. Upgrades of either header are decoded beside version 1 in
-//! `format.rs`; another version with a valid crc is refused with
-//! [`JournalError::Unsupported`], never cut.
+//! Journal seqs start at 1 and are contiguous. A segment is closed once the next
+//! record would take it past the segment target (an eighth of the capacity, between
+//! 4 KiB and 64 MiB), so at most about an eighth of the capacity is held by released
+//! records not yet retired. The log keeps the offset of every record in memory (8
+//! bytes per record), so reads go straight to a seq.
 //!
 //! # fsync policy
-//! Appends are written to the active segment at once (`pwrite`, page cache) and are
-//! made durable by [`Journal::sync`], one `fdatasync` of the active segment, which the
-//! intercept calls when the writer issues flush/fsync and on a timer. Closing a segment
-//! fdatasyncs it, and creating one fsyncs the directory, so `sync` of the active
-//! segment covers every record appended before it. Consequence: records appended but
-//! not synced may be lost in a host crash (never in a process crash: they are in the
-//! page cache). The agent treats a host crash as an unclean stop anyway (new
-//! generation and a resync by scan), so a lost tail is never relied on. Records may be
-//! shipped before they are synced; [`Journal::durable_seq`] says what is synced.
+//! Appends are written at once (page cache) and made durable by [`Journal::sync`],
+//! one `fdatasync` of the active segment, which the intercept calls when the writer
+//! issues flush/fsync and on a timer. Records appended but not synced may be lost in
+//! a host crash (never in a process crash: they are in the page cache). The agent
+//! treats a host crash as an unclean stop anyway (new generation and a resync by
+//! scan), so a lost tail is never relied on. Records may be shipped before they are
+//! synced; [`Journal::durable_seq`] says what is synced.
 //!
 //! A failed `fdatasync` is not retried (Linux may have dropped the dirty pages, and a
 //! retry could succeed falsely): the journal then refuses appends and syncs with
 //! [`JournalError::Poisoned`], and the agent reopens it and starts a new generation.
+//! A failed append is cut back by the log before the error is returned; an append
+//! that fails for want of space is [`AppendError::Full`] (bitmap mode), not an error.
 //!
 //! Releases are made durable one `fdatasync` per [`Journal::release_through`] in
-//! `released.state`, *before* any segment is deleted. Deleting a fully released
-//! segment is not fsynced: if a crash brings it back, [`Journal::open`] deletes it
-//! again. So released records are never shipped again after a restart, clean or not.
+//! `released.state`, *before* any segment is retired. If a crash brings a retired
+//! segment back, [`Journal::open`] retires it again. So released records are never
+//! shipped again after a restart, clean or not.
 //!
 //! # Recovery
-//! [`Journal::open`] replays the segments in order and keeps the longest intact,
-//! gap-free run of records. At the first damage (short header or record, bad magic,
-//! bad crc, a seq out of place, a missing segment) the journal is cut: the damaged
-//! segment is truncated to its last whole record (or deleted, when its header is
-//! damaged), later segments are deleted, and [`Recovery::cut`] says what was dropped;
-//! nothing past a cut is ever returned. Segments whose records are all released are
-//! deleted. The records still held are those after the released-through seq; the agent
-//! ships them again from [`Recovery::first_held`] with [`Journal::read_from`] (not
-//! returned as one list from `open`: the journal may hold gigabytes). After a cut,
-//! seqs past it may be reused: a cut means an unclean stop, hence a new generation.
+//! [`Journal::open`] opens the log from the first seq not released: a torn tail of
+//! the active segment is cut ([`Recovery::cut`]); segments wholly released are retired.
+//! Damage anywhere else (a bad record in a closed segment, a missing segment) means
+//! records the process server may never have received are gone: the journal's
+//! segments are set aside in `damaged-<unix ms>/`, logged as an error, and the journal
+//! starts empty at the same seq ([`Recovery::set_aside`]); the agent treats this as an
+//! unclean stop (new generation, resync by scan). Segments of another format version
+//! are refused as unsupported, never set aside or cut. When the released-through seq
+//! is past what survived (records shipped and acked, then lost with the page cache),
+//! the journal goes on from the seq after the release, never reusing a released seq.
 //!
 //! The journal has one owner: appends, syncs and releases take `&mut self`, reads
 //! `&self`; the agent shares it behind a mutex.
@@ -85,7 +69,6 @@ mod bitmap;
 mod error;
 mod format;
 mod mode;
-mod recover;
 #[cfg(test)]
 mod tests;
 
@@ -93,31 +76,25 @@ pub use bitmap::{BitmapError, DirtyBitmap, BLOCK_SIZE};
 pub use error::{AppendError, JournalError};
 pub use format::{Entry, Record, MAX_DISK_ID, MAX_WRITE};
 pub use mode::{CaptureState, Mode};
-pub use recover::{Cut, Recovery};
 
-use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use boomerang_common::durable::{create_dir_durable, fsync_dir, StateFile};
-use boomerang_common::TagKind;
-use bytes::Bytes;
+use boomerang_common::config::now_ms;
+use boomerang_common::durable::{create_dir_durable, StateFile};
+use boomerang_common::seglog::{self, Log, LogConfig, LogError, Retire};
+use boomerang_common::{storage, TagKind};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
-
-use format::{Bad, RecordHeader, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 
 /// Smallest journal capacity accepted.
 pub const MIN_CAPACITY: u64 = 4096;
 /// Largest segment target.
 pub const MAX_SEGMENT_TARGET: u64 = 64 << 20;
 const MIN_SEGMENT_TARGET: u64 = 4096;
-const SEGMENT_HEADER: u64 = SEGMENT_HEADER_LEN as u64;
-const RECORD_HEADER: u64 = RECORD_HEADER_LEN as u64;
 const SUBDIR: &str = "journal";
 const RELEASE_STATE: &str = "released.state";
+const SCOPE: &str = "journal";
+const EXTENSION: &str = "jnl";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct ReleaseState {
@@ -125,52 +102,45 @@ struct ReleaseState {
     released_through: u64,
 }
 
-#[derive(Debug)]
-struct Segment {
-    first_seq: u64,
-    path: PathBuf,
-    /// Bytes in use: the header and every whole record.
-    len: u64,
-    /// Offset of each record; record `i` has seq `first_seq + i`.
-    offsets: Vec<u64>,
+/// What [`Journal::open`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Seq of the first record still held, to ship again from (the next seq to append
+    /// when nothing is held).
+    pub first_held: u64,
+    /// Records held (not released).
+    pub held_records: u64,
+    /// Segments kept.
+    pub segments: usize,
+    /// Fully released segments retired at open.
+    pub released_segments_deleted: usize,
+    /// The torn tail of the active segment cut off, if any.
+    pub cut: Option<seglog::Cut>,
+    /// The journal was damaged outside its torn tail: where its segments were set
+    /// aside, and what was wrong. Held records may be lost: treat it as an unclean stop.
+    pub set_aside: Option<SetAside>,
 }
 
-impl Segment {
-    /// Seq after the last record.
-    fn end_seq(&self) -> u64 {
-        self.first_seq + self.offsets.len() as u64
+/// A damaged journal's segments, moved out of the way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetAside {
+    /// The directory they were moved to.
+    pub dir: PathBuf,
+    /// The damage found.
+    pub reason: String,
+}
+
+fn log_config(capacity: u64) -> LogConfig {
+    LogConfig {
+        scope: SCOPE,
+        kind: *b"AJNL",
+        extension: EXTENSION,
+        segment_target: (capacity / 8).clamp(MIN_SEGMENT_TARGET, MAX_SEGMENT_TARGET),
+        max_payload: format::MAX_PAYLOAD,
+        retire: Retire::Prefix,
+        verify_closed: true,
+        index: true,
     }
-
-    /// Byte range of record `i`.
-    fn record(&self, i: usize) -> (u64, u64) {
-        let start = self.offsets[i];
-        let end = self.offsets.get(i + 1).copied().unwrap_or(self.len);
-        (start, end)
-    }
-}
-
-fn io_err<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> JournalError + 'a {
-    move |source| JournalError::Io {
-        step,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
-    dir.join(format!("seg-{first_seq:016x}.jnl"))
-}
-
-fn parse_segment_name(name: &str) -> Option<u64> {
-    let hex = name.strip_prefix("seg-")?.strip_suffix(".jnl")?;
-    if hex.len() != 16 {
-        return None;
-    }
-    u64::from_str_radix(hex, 16).ok()
-}
-
-fn is_out_of_space(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 fn check_disk(disk: &str) -> Result<(), JournalError> {
@@ -188,20 +158,9 @@ fn check_disk(disk: &str) -> Result<(), JournalError> {
 pub struct Journal {
     dir: PathBuf,
     capacity: u64,
-    segment_target: u64,
-    /// In seq order; the last one is the active segment when `active` is set.
-    segments: VecDeque<Segment>,
-    /// The last segment, open for appending.
-    active: Option<File>,
-    /// Bytes of all segments.
-    used: u64,
-    next_seq: u64,
-    durable_seq: u64,
+    log: Log,
     released: StateFile<ReleaseState>,
     recovery: Recovery,
-    scratch: Vec<u8>,
-    /// An fdatasync failed: no more appends or syncs.
-    poisoned: bool,
 }
 
 impl Journal {
@@ -217,81 +176,58 @@ impl Journal {
         create_dir_durable(&dir)?;
         let released =
             StateFile::open_or_create(&dir.join(RELEASE_STATE), ReleaseState::default())?;
-        let released_through = released.get().released_through;
-        let found = recover::list_segments(&dir)?;
-        let (mut segments, cut) = recover::replay(found, released_through)?;
-
-        let mut deleted = 0;
-        while let Some(front) = segments.front() {
-            if front.end_seq() > released_through + 1 {
-                break;
-            }
-            std::fs::remove_file(&front.path)
-                .map_err(io_err("delete released segment", &front.path))?;
-            segments.pop_front();
-            deleted += 1;
-        }
-        if deleted > 0 || cut.is_some() {
-            fsync_dir(&dir)?;
-        }
-        let active = match segments.back() {
-            Some(seg) => {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&seg.path)
-                    .map_err(io_err("open segment for appending", &seg.path))?;
-                // What survived recovery may sit in the page cache only (a process
-                // crash); make it durable before anything new is appended after it.
-                file.sync_data()
-                    .map_err(io_err("fdatasync segment", &seg.path))?;
-                Some(file)
-            }
-            None => None,
+        let floor = released.get().released_through + 1;
+        let cfg = log_config(capacity_bytes);
+        let check = |seen: seglog::Visit<'_>| match seen.payload {
+            Some(p) => format::parse_entry(seen.kind, p).map(|_| ()),
+            None => Ok(()),
         };
-        let next_seq = segments
-            .back()
-            .map_or(0, Segment::end_seq)
-            .max(released_through + 1);
+        let (mut log, found, set_aside) = match Log::open(&dir, cfg.clone(), floor, check) {
+            Ok((log, found)) => (log, found, None),
+            Err(LogError::Corrupt {
+                path,
+                offset,
+                reason,
+                ..
+            }) => {
+                let reason = format!("{} at byte {offset}: {reason}", path.display());
+                let aside = set_aside_segments(&dir)?;
+                error!(journal = %dir.display(), damage = %reason, moved_to = %aside.display(), "journal damaged outside its torn tail: its segments are set aside and the disk is resynced in a new generation");
+                let (log, found) = Log::open(&dir, cfg, floor, check)?;
+                (log, found, Some(SetAside { dir: aside, reason }))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if log.next_lsn() < floor {
+            // Released records were lost with the page cache: never reuse their seqs.
+            warn!(journal = %dir.display(), lost_through = floor - 1, next = log.next_lsn(), "journal: released records past the durable end were lost; going on after the release");
+            log.skip_to(floor)?;
+        }
+        let before = log.segments().list().len();
+        log.segments().retire_below(floor)?;
+        let segments = log.segments().list().len();
+        let next_seq = log.next_lsn();
         let recovery = Recovery {
-            first_held: released_through + 1,
-            held_records: next_seq - (released_through + 1),
-            segments: segments.len(),
-            released_segments_deleted: deleted,
-            cut,
+            first_held: floor,
+            held_records: next_seq - floor,
+            segments,
+            released_segments_deleted: before - segments,
+            cut: found.cut,
+            set_aside,
         };
-        match &recovery.cut {
-            Some(cut) => error!(
-                journal = %dir.display(),
-                segment = %cut.segment.display(),
-                offset = cut.offset,
-                seq = cut.seq,
-                bytes_dropped = cut.bytes_dropped,
-                segments_dropped = cut.segments_dropped,
-                reason = %cut.reason,
-                "journal: cut off a torn or corrupt tail"
-            ),
-            None => info!(
-                journal = %dir.display(),
-                held = recovery.held_records,
-                first_held = recovery.first_held,
-                segments = recovery.segments,
-                "journal opened"
-            ),
-        }
+        info!(
+            journal = %dir.display(),
+            held = recovery.held_records,
+            first_held = recovery.first_held,
+            segments = recovery.segments,
+            "journal opened"
+        );
         Ok(Journal {
-            used: segments.iter().map(|s| s.len).sum(),
-            segment_target: (capacity_bytes / 8).clamp(MIN_SEGMENT_TARGET, MAX_SEGMENT_TARGET),
             dir,
             capacity: capacity_bytes,
-            segments,
-            active,
-            next_seq,
-            durable_seq: next_seq - 1,
+            log,
             released,
             recovery,
-            scratch: Vec::new(),
-            poisoned: false,
         })
     }
 
@@ -308,7 +244,6 @@ impl Journal {
         offset: u64,
         data: &[u8],
     ) -> Result<u64, AppendError> {
-        self.check_poisoned()?;
         check_disk(disk)?;
         if data.len() > MAX_WRITE {
             return Err(JournalError::InvalidRecord(format!(
@@ -317,19 +252,16 @@ impl Journal {
             ))
             .into());
         }
-        self.reserve(format::write_record_len(disk, data.len()))?;
-        format::encode_write(&mut self.scratch, self.next_seq, disk, offset, data);
-        self.write_record()
+        let prefix = format::write_prefix(disk, offset);
+        self.append(format::KIND_WRITE, &[&prefix, data])
     }
 
     /// Appends a zero record: `len` bytes at `offset` of `disk` read back as zeros from
     /// here on (a discard or zero-out applied to the backing disk); returns its seq.
     pub fn append_zero(&mut self, disk: &str, offset: u64, len: u64) -> Result<u64, AppendError> {
-        self.check_poisoned()?;
         check_disk(disk)?;
-        self.reserve(format::zero_record_len(disk))?;
-        format::encode_zero(&mut self.scratch, self.next_seq, disk, offset, len);
-        self.write_record()
+        let payload = format::zero_payload(disk, offset, len);
+        self.append(format::KIND_ZERO, &[&payload])
     }
 
     /// Appends a tag; returns its journal seq. Every write appended before it belongs
@@ -341,79 +273,70 @@ impl Journal {
         point_id: u64,
         time_ms: u64,
     ) -> Result<u64, AppendError> {
-        self.check_poisoned()?;
         check_disk(disk)?;
-        self.reserve(format::tag_record_len(disk))?;
-        format::encode_tag(
-            &mut self.scratch,
-            self.next_seq,
-            disk,
-            kind,
-            point_id,
-            time_ms,
-        );
-        self.write_record()
+        let payload = format::tag_payload(disk, kind, point_id, time_ms);
+        self.append(format::KIND_TAG, &[&payload])
+    }
+
+    fn append(&mut self, kind: u8, parts: &[&[u8]]) -> Result<u64, AppendError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let needed = self.log.cost(len);
+        let used = self.used_bytes();
+        if used + needed > self.capacity {
+            return Err(self.full(needed, used));
+        }
+        match self.log.append(kind, parts) {
+            Ok(pos) => Ok(pos.lsn),
+            Err(e) if e.is_out_of_space() => {
+                // The log cut the failed append back; the disk goes to bitmap mode
+                // rather than stopping.
+                warn!(journal = %self.dir.display(), error = %e, "journal: file system full, treating the journal as full");
+                Err(self.full(needed, used))
+            }
+            Err(e) => Err(JournalError::from(e).into()),
+        }
+    }
+
+    fn full(&self, needed: u64, used: u64) -> AppendError {
+        AppendError::Full {
+            needed,
+            free: self.capacity.saturating_sub(used),
+            capacity: self.capacity,
+        }
     }
 
     /// Makes every record appended so far durable (one `fdatasync` of the active
-    /// segment, none when nothing new was appended); returns the durable seq.
+    /// segment, none when nothing new was appended); returns the durable seq. A
+    /// failure poisons the journal (see the module doc).
     pub fn sync(&mut self) -> Result<u64, JournalError> {
-        self.check_poisoned()?;
-        if self.durable_seq + 1 < self.next_seq {
-            self.sync_active("fdatasync segment")?;
-        }
-        Ok(self.durable_seq)
-    }
-
-    /// fdatasyncs the active segment. A failure poisons the journal: Linux may have
-    /// dropped the dirty pages, and a retried fdatasync could then succeed falsely.
-    fn sync_active(&mut self, step: &'static str) -> Result<(), JournalError> {
-        if let (Some(file), Some(seg)) = (&self.active, self.segments.back()) {
-            if let Err(e) = file.sync_data() {
-                self.poisoned = true;
-                return Err(io_err(step, &seg.path)(e));
-            }
-        }
-        self.durable_seq = self.next_seq - 1;
-        Ok(())
-    }
-
-    fn check_poisoned(&self) -> Result<(), JournalError> {
-        if self.poisoned {
-            return Err(JournalError::Poisoned {
-                dir: self.dir.clone(),
-            });
-        }
-        Ok(())
+        Ok(self.log.sync()? - 1)
     }
 
     /// Reads held records in seq order from `seq` (or from the first held record, if
     /// later), stopping before `max_bytes` of records (headers included) are exceeded;
     /// at least one record is returned when any is held from there.
     pub fn read_from(&self, seq: u64, max_bytes: u64) -> Result<Vec<Record>, JournalError> {
-        let mut seq = seq.max(self.released_through() + 1);
+        let segments = self.log.segments();
         let mut records = Vec::new();
         let mut bytes = 0u64;
-        let first = self.segments.partition_point(|s| s.end_seq() <= seq);
-        for seg in self.segments.iter().skip(first) {
-            if seq >= self.next_seq {
+        for seq in seq.max(self.released_through() + 1)..self.log.next_lsn() {
+            let pos = segments.position(seq)?;
+            if !records.is_empty() && bytes + pos.len > max_bytes {
                 break;
             }
-            let file = File::open(&seg.path).map_err(io_err("open segment", &seg.path))?;
-            // Contiguous seqs: `seq` is in this segment from here on.
-            seq = seq.max(seg.first_seq);
-            let Ok(start) = usize::try_from(seq - seg.first_seq) else {
-                break;
-            };
-            for i in start..seg.offsets.len() {
-                let (from, to) = seg.record(i);
-                if !records.is_empty() && bytes + (to - from) > max_bytes {
-                    return Ok(records);
+            let rec = segments.read(pos)?;
+            let entry = format::decode_entry(rec.kind, &rec.payload).map_err(|reason| {
+                LogError::Corrupt {
+                    log: SCOPE,
+                    path: self
+                        .dir
+                        .join(format!("seg-{:016x}.{EXTENSION}", pos.segment)),
+                    offset: pos.offset,
+                    reason,
                 }
-                records.push(read_record(&file, &seg.path, from, to, seq)?);
-                bytes += to - from;
-                seq += 1;
-            }
+            })?;
+            records.push(Record { seq, entry });
+            bytes += pos.len;
         }
         Ok(records)
     }
@@ -421,41 +344,27 @@ impl Journal {
     /// Frees every record appended so far, shipped or not: for when a scan in a new
     /// generation covers what they hold.
     pub fn release_all(&mut self) -> Result<(), JournalError> {
-        self.release_through(self.next_seq.saturating_sub(1))
+        self.release_through(self.log.next_lsn() - 1)
     }
 
     /// Frees every record up to `seq` (after the process server's durable ack): the
-    /// released-through seq is stored durably first, then every segment whose records
-    /// are all released, except the active one, is deleted. Records already released
-    /// are ignored.
+    /// released-through seq is stored durably first, then every closed segment whose
+    /// records are all released is retired. Records already released are ignored.
     pub fn release_through(&mut self, seq: u64) -> Result<(), JournalError> {
         if seq <= self.released_through() {
             return Ok(());
         }
-        let last = self.next_seq - 1;
+        let last = self.log.next_lsn() - 1;
         if seq > last {
             return Err(JournalError::ReleaseBeyondEnd { seq, last });
         }
         self.released.store(ReleaseState {
             released_through: seq,
         })?;
-        while self.segments.len() > 1 {
-            let Some(front) = self.segments.front() else {
-                break;
-            };
-            if front.end_seq() > seq + 1 {
-                break;
-            }
-            if let Err(e) = std::fs::remove_file(&front.path) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    // The release itself is durable; deletion is retried on the next
-                    // release or at open.
-                    warn!(segment = %front.path.display(), error = %e, "journal: cannot delete a released segment");
-                    break;
-                }
-            }
-            self.used -= front.len;
-            self.segments.pop_front();
+        if let Err(e) = self.log.segments().retire_below(seq + 1) {
+            // The release itself is durable; retiring is retried on the next release
+            // or at open.
+            warn!(journal = %self.dir.display(), error = %e, "journal: cannot retire released segments");
         }
         Ok(())
     }
@@ -467,23 +376,23 @@ impl Journal {
 
     /// Every record up to this seq is durable.
     pub fn durable_seq(&self) -> u64 {
-        self.durable_seq
+        self.log.durable_lsn() - 1
     }
 
     /// The seq the next record will get.
     pub fn next_seq(&self) -> u64 {
-        self.next_seq
+        self.log.next_lsn()
     }
 
     /// Records held (appended and not released).
     pub fn held_records(&self) -> u64 {
-        self.next_seq - 1 - self.released_through()
+        self.log.next_lsn() - 1 - self.released_through()
     }
 
     /// Bytes of segment files (headers, held records and released records in segments
-    /// not yet deleted).
+    /// not yet retired).
     pub fn used_bytes(&self) -> u64 {
-        self.used
+        self.log.segments().bytes()
     }
 
     /// The capacity.
@@ -493,140 +402,38 @@ impl Journal {
 
     /// Segment files.
     pub fn segment_count(&self) -> usize {
-        self.segments.len()
+        self.log.segments().list().len()
     }
 
     /// The journal directory (`<state dir>/journal`).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
-
-    /// Checks that a record of `len` bytes fits, and opens a new segment if it is due.
-    fn reserve(&mut self, len: u64) -> Result<(), AppendError> {
-        let roll = match (self.segments.back(), &self.active) {
-            (Some(seg), Some(_)) => !seg.offsets.is_empty() && seg.len + len > self.segment_target,
-            _ => true,
-        };
-        let needed = len + if roll { SEGMENT_HEADER } else { 0 };
-        if self.used + needed > self.capacity {
-            return Err(self.full(needed));
-        }
-        if roll {
-            self.roll(needed)?;
-        }
-        Ok(())
-    }
-
-    fn full(&self, needed: u64) -> AppendError {
-        AppendError::Full {
-            needed,
-            free: self.capacity.saturating_sub(self.used),
-            capacity: self.capacity,
-        }
-    }
-
-    /// Closes the active segment (fdatasync, so [`Journal::sync`] need only sync the
-    /// new one) and starts a new one whose first seq is the next seq.
-    fn roll(&mut self, needed: u64) -> Result<(), AppendError> {
-        if self.active.is_some() {
-            self.sync_active("fdatasync closed segment")?;
-            self.active = None;
-        }
-        let first_seq = self.next_seq;
-        let path = segment_path(&self.dir, first_seq);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err("create segment", &path))?;
-        if let Err(e) = file.write_all_at(&format::encode_segment_header(first_seq), 0) {
-            let _ = std::fs::remove_file(&path);
-            return Err(self.append_io(e, needed, "write segment header", &path));
-        }
-        // The new name must survive a crash for the records synced into it to be found.
-        fsync_dir(&self.dir).map_err(JournalError::from)?;
-        self.used += SEGMENT_HEADER;
-        self.segments.push_back(Segment {
-            first_seq,
-            path,
-            len: SEGMENT_HEADER,
-            offsets: Vec::new(),
-        });
-        self.active = Some(file);
-        Ok(())
-    }
-
-    /// Writes the record in `scratch` at the end of the active segment.
-    fn write_record(&mut self) -> Result<u64, AppendError> {
-        let (Some(file), Some(seg)) = (&self.active, self.segments.back_mut()) else {
-            return Err(JournalError::InvalidRecord("no active segment".into()).into());
-        };
-        let at = seg.len;
-        if let Err(e) = file.write_all_at(&self.scratch, at) {
-            // Cut a partial record off again, so the next append starts clean; if even
-            // that fails, recovery cuts it (its crc cannot match).
-            if let Err(e) = file.set_len(at) {
-                warn!(segment = %seg.path.display(), error = %e, "journal: cannot truncate a failed append");
-            }
-            let path = seg.path.clone();
-            let needed = self.scratch.len() as u64;
-            return Err(self.append_io(e, needed, "append record", &path));
-        }
-        let len = self.scratch.len() as u64;
-        seg.offsets.push(at);
-        seg.len += len;
-        self.used += len;
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        Ok(seq)
-    }
-
-    /// An IO error of an append: out of space on the file system is `Full` (the disk
-    /// goes to bitmap mode rather than stopping), anything else an error.
-    fn append_io(&self, e: io::Error, needed: u64, step: &'static str, path: &Path) -> AppendError {
-        if is_out_of_space(&e) {
-            warn!(journal = %self.dir.display(), error = %e, "journal: file system full, treating the journal as full");
-            return self.full(needed);
-        }
-        io_err(step, path)(e).into()
-    }
 }
 
-fn read_record(
-    file: &File,
-    path: &Path,
-    from: u64,
-    to: u64,
-    seq: u64,
-) -> Result<Record, JournalError> {
-    let corrupt = |reason: String| JournalError::Corrupt {
-        path: path.to_path_buf(),
-        offset: from,
-        reason,
+/// Moves every segment of the journal in `dir` into a new `damaged-<unix ms>`
+/// directory beside them (durably: both directories fsynced).
+fn set_aside_segments(dir: &Path) -> Result<PathBuf, JournalError> {
+    let io = |step: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| JournalError::Io { step, path, source }
     };
-    let len = usize::try_from(to - from).map_err(|_| corrupt("record too long".into()))?;
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, from)
-        .map_err(io_err("read record", path))?;
-    let mut head = [0u8; RECORD_HEADER_LEN];
-    head.copy_from_slice(&buf[..RECORD_HEADER_LEN]);
-    let bad = |b: Bad| match b {
-        Bad::Damaged(r) | Bad::Unsupported(r) => corrupt(r),
-    };
-    let header = RecordHeader::parse(&head).map_err(bad)?;
-    let payload = Bytes::from(buf).slice(RECORD_HEADER_LEN..);
-    if header.payload_len != payload.len() || header.seq != seq {
-        return Err(corrupt(format!(
-            "record (seq {}, {} bytes) is not the one recovery indexed (seq {seq}, {} bytes)",
-            header.seq,
-            header.payload_len,
-            payload.len()
-        )));
+    let mut aside = dir.join(format!("damaged-{}", now_ms()));
+    let mut n = 0;
+    while aside.exists() {
+        n += 1;
+        aside = dir.join(format!("damaged-{}-{n}", now_ms()));
     }
-    header.verify(&head, &payload).map_err(bad)?;
-    let entry = format::decode_entry(header.kind, &payload).map_err(bad)?;
-    Ok(Record { seq, entry })
+    storage::create_dir_all(SCOPE, &aside).map_err(io("create", &aside))?;
+    for entry in std::fs::read_dir(dir).map_err(io("list", dir))? {
+        let entry = entry.map_err(io("list", dir))?;
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == EXTENSION) && path.is_file() {
+            let to = aside.join(entry.file_name());
+            storage::rename(SCOPE, &path, &to).map_err(io("set aside", &path))?;
+        }
+    }
+    storage::fsync_dir(SCOPE, &aside).map_err(io("fsync", &aside))?;
+    storage::fsync_dir(SCOPE, dir).map_err(io("fsync", dir))?;
+    Ok(aside)
 }

@@ -73,13 +73,18 @@ impl Syncer {
         }
         let mut served = Vec::new();
         for d in &cfg.disks {
-            let disk = self.open_disk(&d.id, &d.path).await?;
+            let mut disk = self.open_disk(&d.id, &d.path).await?;
             let size = disk.source.geometry().size;
             let mut journal = Journal::open(
                 &cfg.state_dir.join("journal").join(&d.id),
                 cfg.journal_mib << 20,
             )
             .with_context(|| format!("opening the journal of disk {}", d.id))?;
+            if journal.recovery().set_aside.is_some() && !disk.state.get().tracking {
+                // Held records may be gone with the damage: the same as an unclean
+                // stop, so the disk is resynced in a new generation.
+                set_tracking(&mut disk, true)?;
+            }
             if disk.state.get().tracking {
                 // After an unclean stop the journal may have lost its tail: replaying
                 // what is left over the rescanned disk could bring back old data. The

@@ -193,6 +193,7 @@ impl Rule {
         )
     }
 
+    #[cfg(feature = "faults")]
     fn matches(&self, scope: &str, op: Op, path: &Path) -> bool {
         (self.scope == "*" || self.scope == scope)
             && self.op.is_none_or(|o| o == op)

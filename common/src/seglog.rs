@@ -653,8 +653,27 @@ impl Log {
 
     /// Closes the active segment (durably) and begins a new one at the next lsn.
     fn roll(&mut self) -> Result<(), LogError> {
+        self.begin_segment(self.next_lsn)
+    }
+
+    /// Moves the log's end forward to `lsn`: the lsns between are never written, and
+    /// the next record begins a new segment at `lsn`. For an owner whose own durable
+    /// state is past what the log kept (records released, then lost with the page
+    /// cache before a sync covered them). In a [`Retire::Prefix`] log the owner opens
+    /// it again with a `start_lsn` of at least `lsn`, so the gap lies below what it
+    /// needs. Nothing happens when `lsn` is not past the end.
+    pub fn skip_to(&mut self, lsn: u64) -> Result<(), LogError> {
+        self.segments.shared.check_poisoned()?;
+        if lsn <= self.next_lsn {
+            return Ok(());
+        }
+        self.begin_segment(lsn)
+    }
+
+    /// Makes the active segment durable and begins a new one at `first`.
+    fn begin_segment(&mut self, first: u64) -> Result<(), LogError> {
         self.sync()?;
-        let seg = self.segments.create_segment(self.next_lsn)?;
+        let seg = self.segments.create_segment(first)?;
         let shared = &self.segments.shared;
         self.active = seg.file.clone();
         self.active_first = seg.first_lsn;
@@ -662,6 +681,9 @@ impl Log {
         let mut t = shared.lock();
         t.active = seg.first_lsn;
         t.segments.insert(seg.first_lsn, seg);
+        drop(t);
+        self.next_lsn = first;
+        self.durable = first;
         Ok(())
     }
 

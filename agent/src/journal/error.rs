@@ -5,6 +5,7 @@ use std::io;
 use std::path::PathBuf;
 
 use boomerang_common::durable::DurableError;
+use boomerang_common::seglog::LogError;
 use thiserror::Error;
 
 use super::MIN_CAPACITY;
@@ -12,7 +13,7 @@ use super::MIN_CAPACITY;
 /// Errors of the journal, naming the file and the step.
 #[derive(Debug, Error)]
 pub enum JournalError {
-    /// An IO step failed.
+    /// A file-system step outside the log failed.
     #[error("journal {path}: {step}: {source}")]
     Io {
         /// What was being done.
@@ -22,30 +23,12 @@ pub enum JournalError {
         /// The OS error.
         source: io::Error,
     },
+    /// The log of segments failed (IO, damage, another version); it names the file.
+    #[error("{0}; if the journal is damaged, the disk needs a resync")]
+    Log(LogError),
     /// The released-through state could not be read or stored.
     #[error("journal release state: {0}")]
     State(#[from] DurableError),
-    /// A record that recovery accepted no longer reads back intact.
-    #[error(
-        "journal {path} at byte {offset}: {reason}; the journal is damaged, the disk \
-         needs a resync"
-    )]
-    Corrupt {
-        /// Which segment.
-        path: PathBuf,
-        /// Where in it.
-        offset: u64,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A segment was written by another format version.
-    #[error("journal {path}: {reason}")]
-    Unsupported {
-        /// Which segment.
-        path: PathBuf,
-        /// What is not supported.
-        reason: String,
-    },
     /// The configured capacity is too small.
     #[error("journal capacity of {capacity} bytes is below the minimum of {MIN_CAPACITY}")]
     Capacity {
@@ -58,12 +41,14 @@ pub enum JournalError {
     /// An fdatasync of the journal failed earlier: what was appended may not be on
     /// disk, and retrying cannot tell. Reopen the journal and start a new generation.
     #[error(
-        "journal {dir}: an earlier fdatasync failed, so appended records may be lost; \
-         the journal refuses more until it is reopened and the disk resynced"
+        "journal {dir}: {cause}; appended records may be lost, so the journal refuses \
+         more until it is reopened and the disk resynced"
     )]
     Poisoned {
         /// The journal directory.
         dir: PathBuf,
+        /// The failure that poisoned it.
+        cause: String,
     },
     /// A release past the last record (a caller bug: the process server acked a record
     /// that was never appended).
@@ -94,4 +79,13 @@ pub enum AppendError {
     /// Anything else.
     #[error(transparent)]
     Journal(#[from] JournalError),
+}
+
+impl From<LogError> for JournalError {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::Poisoned { dir, cause, .. } => JournalError::Poisoned { dir, cause },
+            e => JournalError::Log(e),
+        }
+    }
 }

@@ -5,6 +5,8 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
+use boomerang_common::seglog::{RECORD_HEADER, SEGMENT_HEADER};
+use bytes::Bytes;
 use proptest::prelude::*;
 
 use super::*;
@@ -104,8 +106,8 @@ fn writes_and_tags_round_trip_in_order_and_survive_reopen() -> TestResult {
     assert!(j.read_from(6, u64::MAX)?.is_empty());
 
     // The byte budget: at least one record, never more than the budget after it.
-    let first_len = format::write_record_len("vda", a.len());
-    let tag_len = format::tag_record_len("vda");
+    let first_len = RECORD_HEADER + (1 + 3 + 8 + a.len()) as u64;
+    let tag_len = RECORD_HEADER + 1 + 3 + 17;
     assert_eq!(seqs(&j.read_from(1, 1)?), vec![1]);
     assert_eq!(seqs(&j.read_from(1, first_len + tag_len)?), vec![1, 2]);
     assert_eq!(seqs(&j.read_from(1, first_len + tag_len + 1)?), vec![1, 2]);
@@ -246,7 +248,7 @@ fn reopen_after_damage(
     let mut j = Journal::open(dir.path(), 1 << 20)?;
     let cut = j.recovery().cut.clone().expect("a cut");
     assert!(cut.reason.contains(reason), "{}", cut.reason);
-    assert_eq!(cut.seq, keep as u64 + 1);
+    assert_eq!(cut.lsn, keep as u64 + 1);
     let records = all(&j);
     assert_eq!(
         records.into_iter().map(|r| r.entry).collect::<Vec<_>>(),
@@ -299,7 +301,7 @@ fn a_last_record_truncated_in_its_header_is_cut_at_reopen() -> TestResult {
 
 #[test]
 fn a_flipped_byte_in_the_last_record_is_cut_at_reopen() -> TestResult {
-    reopen_after_damage(flip_byte_from_end(7), 4, "checksum")
+    reopen_after_damage(flip_byte_from_end(7), 4, "checksum mismatch")
 }
 
 #[test]
@@ -313,7 +315,7 @@ fn an_empty_segment_left_by_a_crash_right_after_its_creation_is_not_a_cut() -> T
     let mut j = Journal::open(dir.path(), 1 << 20)?;
     let entries = append_writes(&mut j, 3, 100);
     drop(j);
-    let empty = segment_path(&dir.path().join(SUBDIR), 4);
+    let empty = dir.path().join(SUBDIR).join("seg-0000000000000004.jnl");
     std::fs::File::create(&empty)?;
     let mut j = Journal::open(dir.path(), 1 << 20)?;
     assert_eq!(j.recovery().cut, None);
@@ -327,30 +329,103 @@ fn an_empty_segment_left_by_a_crash_right_after_its_creation_is_not_a_cut() -> T
 }
 
 #[test]
-fn a_damaged_segment_in_the_middle_drops_everything_after_it() -> TestResult {
+fn a_damaged_closed_segment_is_set_aside_never_cut_silently() -> TestResult {
     let dir = tempfile::tempdir()?;
     let mut j = Journal::open(dir.path(), 64 * KIB)?;
-    let entries = append_writes(&mut j, 30, 1000);
+    append_writes(&mut j, 30, 1000);
     j.sync()?;
+    j.release_through(3)?;
     drop(j);
     let files = segment_files(dir.path());
     assert!(files.len() >= 4);
-    // Damage the second segment's header: everything from it on goes.
-    let f = OpenOptions::new().write(true).open(&files[1])?;
-    f.write_all_at(b"XXXX", 0)?;
-    let j = Journal::open(dir.path(), 64 * KIB)?;
-    let cut = j.recovery().cut.clone().expect("a cut");
-    assert_eq!(cut.segment, files[1]);
-    assert_eq!(cut.segments_dropped, files.len() - 2);
-    let records = all(&j);
-    let kept = records.len();
-    assert!(kept > 0 && kept < 30);
-    assert_eq!(cut.seq, kept as u64 + 1);
-    assert_eq!(
-        records.into_iter().map(|r| r.entry).collect::<Vec<_>>(),
-        entries[..kept].to_vec()
+    // Bit rot in a record of the second segment: held records there and after it
+    // are not the active segment's torn tail.
+    let f = OpenOptions::new().read(true).write(true).open(&files[1])?;
+    let at = SEGMENT_HEADER + RECORD_HEADER + 20;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at)?;
+    f.write_all_at(&[b[0] ^ 1], at)?;
+    let mut j = Journal::open(dir.path(), 64 * KIB)?;
+    let aside = j.recovery().set_aside.clone().expect("set aside");
+    assert!(aside.reason.contains("checksum"), "{}", aside.reason);
+    assert!(
+        aside.reason.contains(&files[1].display().to_string()),
+        "names the segment: {}",
+        aside.reason
     );
-    assert_eq!(segment_files(dir.path()), vec![files[0].clone()]);
+    assert_eq!(j.recovery().cut, None);
+    assert!(all(&j).is_empty(), "nothing damaged is ever read");
+    // Every segment is kept for inspection, none is left in the journal.
+    let kept = std::fs::read_dir(&aside.dir)?.count();
+    assert_eq!(kept, files.len());
+    assert_eq!(segment_files(dir.path()).len(), 1, "a new active segment");
+    // Seqs go on after the release.
+    assert_eq!(j.append_write("vda", 0, b"x")?, 4);
+    j.sync()?;
+    drop(j);
+    let j = Journal::open(dir.path(), 64 * KIB)?;
+    assert_eq!(j.recovery().set_aside, None);
+    assert_eq!(seqs(&all(&j)), vec![4]);
+    Ok(())
+}
+
+#[test]
+fn a_failed_append_is_cut_back_and_a_full_file_system_is_full() -> TestResult {
+    use boomerang_common::faults;
+    let dir = tempfile::tempdir()?;
+    let mut j = Journal::open(dir.path(), 1 << 20)?;
+    let entries = append_writes(&mut j, 3, 500);
+    // A short write (half stored, then ENOSPC): the disk goes to bitmap mode.
+    let short = faults::arm_under(dir.path(), "journal.write@1=short")?;
+    assert!(matches!(
+        j.append_write("vda", 0, &fill(500, 9)),
+        Err(AppendError::Full { .. })
+    ));
+    assert_eq!(short.fired(), 1);
+    drop(short);
+    // EIO on a write: an error, and nothing of it stays behind.
+    let eio = faults::arm_under(dir.path(), "journal.write@1=eio")?;
+    assert!(matches!(
+        j.append_write("vda", 0, &fill(500, 9)),
+        Err(AppendError::Journal(JournalError::Log(_)))
+    ));
+    drop(eio);
+    // The next record follows the last good one, and a reopen finds every record.
+    assert_eq!(j.append_write("vda", 4096, b"next")?, 4);
+    j.sync()?;
+    drop(j);
+    let j = Journal::open(dir.path(), 1 << 20)?;
+    assert_eq!(j.recovery().cut, None, "no partial bytes were left to cut");
+    let mut expected = entries;
+    expected.push(write_entry("vda", 4096, b"next"));
+    assert_eq!(
+        all(&j).into_iter().map(|r| r.entry).collect::<Vec<_>>(),
+        expected
+    );
+    Ok(())
+}
+
+#[test]
+fn a_failed_fdatasync_poisons_the_journal_until_reopened() -> TestResult {
+    use boomerang_common::faults;
+    let dir = tempfile::tempdir()?;
+    let mut j = Journal::open(dir.path(), 1 << 20)?;
+    append_writes(&mut j, 2, 100);
+    let rule = faults::arm_under(dir.path(), "journal.sync@1=eio")?;
+    assert!(matches!(j.sync(), Err(JournalError::Poisoned { .. })));
+    drop(rule);
+    // No retry may claim durability after a failed fdatasync.
+    assert!(matches!(j.sync(), Err(JournalError::Poisoned { .. })));
+    assert!(matches!(
+        j.append_write("vda", 0, b"x"),
+        Err(AppendError::Journal(JournalError::Poisoned { .. }))
+    ));
+    assert_eq!(j.durable_seq(), 0);
+    drop(j);
+    let mut j = Journal::open(dir.path(), 1 << 20)?;
+    assert_eq!(seqs(&all(&j)), vec![1, 2], "reopened from what is on disk");
+    assert_eq!(j.append_write("vda", 0, b"x")?, 3);
+    assert_eq!(j.sync()?, 3);
     Ok(())
 }
 
@@ -373,14 +448,14 @@ fn releases_survive_reopen() -> TestResult {
         entries[12..].to_vec()
     );
 
-    // Everything released: a reopen deletes every segment, and seqs go on.
+    // Everything released: a reopen retires every closed segment, and seqs go on.
     j.release_through(20)?;
     drop(j);
     let mut j = Journal::open(dir.path(), 64 * KIB)?;
     assert!(all(&j).is_empty());
-    assert_eq!(j.segment_count(), 0);
-    assert!(segment_files(dir.path()).is_empty());
-    assert_eq!(j.used_bytes(), 0);
+    assert_eq!(j.segment_count(), 1, "only the active segment");
+    assert_eq!(segment_files(dir.path()).len(), 1);
+    assert!(j.used_bytes() <= 8 * KIB + SEGMENT_HEADER);
     assert_eq!(j.append_write("vda", 0, b"x")?, 21);
     Ok(())
 }
@@ -437,17 +512,21 @@ fn a_segment_of_another_version_is_refused_not_cut() -> TestResult {
     append_writes(&mut j, 2, 100);
     drop(j);
     let seg = last_segment(dir.path());
-    let mut header = format::encode_segment_header(1);
-    header[4] = 2;
-    let crc = crc32fast::hash(&header[..20]);
-    header[20..24].copy_from_slice(&crc.to_le_bytes());
+    let mut header = boomerang_common::seglog::format::encode_segment_header(*b"AJNL", 1);
+    header[4] = 9;
+    let crc = crc32fast::hash(&header[..header.len() - 4]);
+    let n = header.len();
+    header[n - 4..].copy_from_slice(&crc.to_le_bytes());
     OpenOptions::new()
         .write(true)
         .open(&seg)?
         .write_all_at(&header, 0)?;
     let err = Journal::open(dir.path(), 1 << 20).expect_err("version 2 refused");
-    assert!(matches!(err, JournalError::Unsupported { .. }), "{err}");
-    assert!(err.to_string().contains("version 2"), "{err}");
+    assert!(
+        matches!(err, JournalError::Log(LogError::Unsupported { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("version 9"), "{err}");
     assert!(seg.exists(), "nothing deleted");
     Ok(())
 }

@@ -307,7 +307,8 @@ pub enum Plan {
 
 /// Decides recovery from the scans of every segment, in lsn order. `floor`: in
 /// [`Retire::Prefix`] logs, the lowest lsn the owner still needs (the first segment
-/// must start at or below it, else records are missing).
+/// must start at or below it, else records are missing; a gap between segments is
+/// missing records unless it lies wholly below it).
 pub fn plan(scans: &[SegmentScan], retire: Retire, floor: Option<u64>) -> Plan {
     let mut actions = Vec::with_capacity(scans.len());
     let mut prev_end: Option<u64> = None;
@@ -351,6 +352,8 @@ pub fn plan(scans: &[SegmentScan], retire: Retire, floor: Option<u64>) -> Plan {
                     }
                 }
             }
+            // Lsns skipped below what the owner needs (`Log::skip_to`) are no loss.
+            (Some(end), Retire::Prefix) if first > end && floor.is_some_and(|f| first <= f) => {}
             (Some(end), Retire::Prefix) if first != end => {
                 return corrupt(
                     0,

@@ -187,6 +187,35 @@ fn a_missing_segment_is_corruption_in_a_prefix_log_and_a_retired_one_in_another(
 }
 
 #[test]
+fn a_skip_leaves_a_gap_that_is_no_loss_only_below_the_owners_floor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut log, _, _) = open(dir.path(), Retire::Prefix, 1).expect("open");
+    for i in 0..3 {
+        log.append(1, &[&payload(i, 10)]).expect("append");
+    }
+    log.skip_to(2).expect("a skip backwards does nothing");
+    assert_eq!(log.next_lsn(), 4);
+    log.skip_to(10).expect("skip");
+    assert_eq!((log.next_lsn(), log.durable_lsn()), (10, 10));
+    let pos = log.append(1, &[b"after"]).expect("append");
+    assert_eq!((pos.lsn, pos.segment), (10, 10));
+    log.sync().expect("sync");
+    drop(log);
+    let (log, rec, _) = open(dir.path(), Retire::Prefix, 10).expect("gap below the floor");
+    assert_eq!(rec.next_lsn, 11);
+    assert_eq!(
+        log.segments().read_lsn(10).expect("read").payload.as_ref(),
+        b"after"
+    );
+    drop(log);
+    let got = open(dir.path(), Retire::Prefix, 5);
+    assert!(
+        matches!(&got, Err(LogError::Corrupt { reason, .. }) if reason.contains("missing")),
+        "the owner needs lsn 5 to 9: {got:?}"
+    );
+}
+
+#[test]
 fn a_failed_append_is_cut_back_so_the_next_follows_the_last_good_record() {
     for fault in ["short", "enospc", "eio"] {
         let dir = tempfile::tempdir().expect("tempdir");
