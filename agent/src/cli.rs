@@ -237,6 +237,9 @@ impl Args {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging("info");
+    if let Err(e) = boomerang_common::faults::init_from_env() {
+        return exit_code("boomerang-agent", Err(e));
+    }
     exit_code(
         "boomerang-agent",
         dispatch(cli).map_err(|e| format!("{e:#}")),

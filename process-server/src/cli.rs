@@ -49,6 +49,9 @@ struct RunArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging("info");
+    if let Err(e) = boomerang_common::faults::init_from_env() {
+        return exit_code("boomerang-ps", Err(e));
+    }
     exit_code("boomerang-ps", dispatch(cli).map_err(|e| format!("{e:#}")))
 }
 

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use boomerang_common::config::Shutdown;
 use boomerang_common::message::{ErrorCode, Message, Role};
 use boomerang_common::transport;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::PsConfig;
 use crate::forward::{forward_loop, MasterLink};
@@ -40,11 +40,22 @@ pub async fn run(config: PsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     ));
     println!("listening on {addr}");
     info!(%addr, master_target = %config.master_target, "process server ready");
+    let poisoned = spool.clone();
     let handler = move |msg: Message, frame: bytes::Bytes| {
         let (spool, link) = (spool.clone(), link.clone());
         async move { handle(&spool, &link, msg, frame).await }
     };
-    transport::serve(&endpoint, &[Role::Agent], hello, shutdown, handler).await;
+    let outcome = tokio::select! {
+        () = transport::serve(&endpoint, &[Role::Agent], hello, shutdown, handler) => Ok(()),
+        cause = poisoned.failed() => {
+            error!(%cause, "the spool failed to make records durable: stopping, so that a restart recovers it from what is on disk");
+            Err(anyhow::anyhow!(
+                "spool {}: {cause}; the process server stopped without acknowledging more; \
+                 check the disk, then restart it (it recovers the spool from what is durable)",
+                config.spool_dir.display()
+            ))
+        }
+    };
     info!("shutting down");
     forwarder.abort();
     endpoint.close(
@@ -52,7 +63,7 @@ pub async fn run(config: PsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         b"process server shutting down",
     );
     endpoint.wait_idle().await;
-    Ok(())
+    outcome
 }
 
 async fn handle(spool: &Spool, link: &MasterLink, msg: Message, frame: bytes::Bytes) -> Message {

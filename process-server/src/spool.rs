@@ -1,69 +1,72 @@
 //! The process server's durable spool: every batch and tag an agent sends is appended,
-//! as the exact frame bytes it arrived in, to a segment file and fdatasynced before it
-//! is acknowledged (rule 1); it is deleted only after the master target's durable ack.
+//! as the exact frame bytes it arrived in, to a [`seglog`] log and fdatasynced before
+//! it is acknowledged (rule 1); it is dropped only after the master target's durable
+//! ack.
 //!
-//! Segment file layout:
-//! ```text
-//!  header: magic "BMSP" | version u16 | 0 u16 | segment id u64 | crc32 u32 (of the 16 bytes before)
-//!  records: whole Boomerang frames (each with its own magic, length and crc32)
-//! ```
+//! # Layout
+//! `<spool dir>/seg-<first lsn, 16 hex>.spool`: segments of a seglog log of kind
+//! `PSPL` (segment and record headers, checksums and the fsync contract are seglog's).
+//! Each record's payload is one whole Boomerang frame (with its own magic, length and
+//! crc32). Segments are retired out of order ([`Retire::Any`]) as soon as every record
+//! in them is acknowledged.
+//!
+//! # Writing
 //! Appends go through one writer thread that writes everything queued, fdatasyncs
-//! once and then acknowledges all of it (group commit). After a crash the segments
-//! are replayed in order; a torn or corrupt tail is cut off, never forwarded.
+//! once and then acknowledges all of it (group commit). A record whose write fails is
+//! cut back by the log before anything else is appended (so no record is ever placed
+//! after partial bytes); the records of the group before it are synced and
+//! acknowledged, the failed one and those after it are answered with the error.
+//! A failed fdatasync poisons the spool: nothing more is acknowledged, and the process
+//! server stops (see [`Spool::failed`]) so that its restart recovers from what is
+//! durable, never from a retried fsync after Linux dropped the dirty pages.
 //!
-//! Backpressure (rule 7): spool space is a semaphore of 4 KiB units sized by
-//! `spool_max_bytes`; an append waits for space, so a full spool stops acknowledging
-//! agents, whose bounded in-flight windows then stop them. Space returns when the
-//! master target acknowledges.
+//! # Recovery
+//! At open every record is read and checked. Only the active segment's tail may be
+//! torn (never acknowledged) and is cut; damage anywhere else is corruption: the
+//! spool refuses to open and names the segment and offset, because the records there
+//! were acknowledged to agents that have since freed them.
+//!
+//! # Backpressure (rule 7)
+//! Spool space is a semaphore of 4 KiB units sized by `spool_max_bytes`; an append
+//! waits for space, so a full spool stops acknowledging agents, whose bounded
+//! in-flight windows then stop them. Space returns when the master target
+//! acknowledges. A file system that fills before the cap (ENOSPC) is the same:
+//! the append waits until a record is freed (or a second passes) and tries again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-#[cfg(test)]
 use std::time::Duration;
 
-use boomerang_common::durable::{create_dir_durable, fsync_dir};
 use boomerang_common::message::Message;
-use boomerang_common::wire::{FrameHeader, HEADER_LEN};
+use boomerang_common::seglog::{self, Log, LogConfig, LogError, Position, Retire, Segments};
+use boomerang_common::wire::{HEADER_LEN, MAX_BODY};
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tracing::{info, warn};
 
-const SEGMENT_MAGIC: [u8; 4] = *b"BMSP";
-const SEGMENT_VERSION: u16 = 1;
-const SEGMENT_HEADER_LEN: usize = 20;
-const SEGMENT_HEADER: u64 = SEGMENT_HEADER_LEN as u64;
-/// A segment is closed once it passes this size.
+/// A segment is closed once the next record would take it past this size.
 pub const SEGMENT_TARGET: u64 = 64 << 20;
 /// Unit of spool space accounting.
 const UNIT: u64 = 4096;
+/// Record kind of a spooled frame.
+const KIND_FRAME: u8 = 1;
+const SCOPE: &str = "spool";
 
 /// A record's identity: `(disk, generation, seq)`.
 pub type Key = (String, u64, u64);
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    segment: u64,
-    offset: u64,
-    len: u32,
+    pos: Position,
     units: u32,
-}
-
-#[derive(Debug)]
-struct Segment {
-    file: Arc<File>,
-    path: PathBuf,
-    live: usize,
 }
 
 #[derive(Debug, Default)]
 struct Index {
     entries: BTreeMap<Key, Entry>,
-    segments: BTreeMap<u64, Segment>,
-    active: u64,
+    /// Records counted in each segment (by its first lsn), held or being written.
+    live: HashMap<u64, usize>,
     /// Records the master target refused (integrity); the agent must resend them.
     rejected: HashMap<String, BTreeSet<(u64, u64)>>,
 }
@@ -71,20 +74,7 @@ struct Index {
 struct Append {
     key: Key,
     frame: Bytes,
-    units: u32,
-    done: oneshot::Sender<io::Result<()>>,
-}
-
-/// The spool.
-#[derive(Debug)]
-pub struct Spool {
-    dir: PathBuf,
-    index: Mutex<Index>,
-    space: Arc<Semaphore>,
-    total_units: u64,
-    appends: mpsc::Sender<Append>,
-    /// Woken whenever a record becomes available to forward.
-    pub appended: Notify,
+    done: oneshot::Sender<Result<(), Arc<LogError>>>,
 }
 
 impl std::fmt::Debug for Append {
@@ -93,19 +83,32 @@ impl std::fmt::Debug for Append {
     }
 }
 
+/// The spool.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    index: Mutex<Index>,
+    segments: Segments,
+    space: Arc<Semaphore>,
+    total_units: u64,
+    appends: mpsc::Sender<Append>,
+    /// Woken whenever a record becomes available to forward.
+    pub appended: Notify,
+    /// Woken whenever a record is freed (room for a retry after ENOSPC).
+    freed: Notify,
+    /// Set once the spool is poisoned: why.
+    failed: watch::Sender<Option<String>>,
+}
+
 /// Why an append failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    /// Storage failed.
-    #[error("spool {path}: {what}: {source}")]
-    Io {
-        /// Step.
-        what: &'static str,
-        /// Path.
-        path: PathBuf,
-        /// OS error.
-        source: io::Error,
-    },
+    /// The log failed (IO, damage, another version, poisoned); it names the file.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// Writing the record failed; every record of its group got the same error.
+    #[error(transparent)]
+    Append(Arc<LogError>),
     /// The record is larger than the whole spool.
     #[error("a record of {0} bytes does not fit the spool at all; raise spool_max_mib")]
     TooLarge(usize),
@@ -122,85 +125,104 @@ fn key_of(msg: &Message) -> Option<Key> {
     }
 }
 
+fn log_config() -> LogConfig {
+    LogConfig {
+        scope: SCOPE,
+        kind: *b"PSPL",
+        extension: "spool",
+        segment_target: SEGMENT_TARGET,
+        max_payload: HEADER_LEN + MAX_BODY,
+        retire: Retire::Any,
+        verify_closed: true,
+        index: false,
+    }
+}
+
+fn units_of(len: u64) -> u32 {
+    u32::try_from(len.div_ceil(UNIT)).unwrap_or(u32::MAX)
+}
+
 impl Spool {
-    /// Opens (and replays) the spool in `dir`, capped at `max_bytes`.
+    /// Opens (and recovers) the spool in `dir`, capped at `max_bytes`.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Arc<Self>, SpoolError> {
-        create_dir_durable(dir).map_err(|e| SpoolError::Io {
-            what: "create",
-            path: dir.to_path_buf(),
-            source: io::Error::other(e),
+        // Every intact record's key and lsn, in lsn order; a frame that does not
+        // decode is damage at that record.
+        let mut found: Vec<(Key, u64, u64, u64)> = Vec::new();
+        let (log, recovery) = Log::open(dir, log_config(), 1, |seen| {
+            let Some(payload) = seen.payload else {
+                return Ok(());
+            };
+            let msg = Message::decode_exact(&Bytes::copy_from_slice(payload))
+                .map_err(|e| format!("frame: {e}"))?;
+            if let Some(key) = key_of(&msg) {
+                found.push((key, seen.lsn, seen.offset, seen.len));
+            }
+            Ok(())
         })?;
+        let segments = log.segments().clone();
         let mut index = Index::default();
         let mut used_units = 0u64;
-        let mut ids: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
-            .map_err(|source| SpoolError::Io {
-                what: "list",
-                path: dir.to_path_buf(),
-                source,
-            })?
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let id = name.strip_prefix("seg-")?.strip_suffix(".spool")?;
-                u64::from_str_radix(id, 16).ok().map(|id| (id, e.path()))
-            })
-            .collect();
-        ids.sort();
-        for (id, path) in &ids {
-            let replayed = replay_segment(*id, path, &mut index)?;
-            used_units += replayed;
+        let firsts: Vec<u64> = segments.list().iter().map(|s| s.first_lsn).collect();
+        for (key, lsn, offset, len) in found {
+            let at = firsts.partition_point(|&f| f <= lsn);
+            let pos = Position {
+                segment: firsts[at.saturating_sub(1)],
+                offset,
+                lsn,
+                len,
+            };
+            let entry = Entry {
+                pos,
+                units: units_of(pos.len),
+            };
+            *index.live.entry(pos.segment).or_default() += 1;
+            used_units += u64::from(entry.units);
+            if let Some(old) = index.entries.insert(key, entry) {
+                // A resend spooled twice: the later copy stands.
+                used_units -= u64::from(old.units);
+                if let Some(n) = index.live.get_mut(&old.pos.segment) {
+                    *n -= 1;
+                }
+            }
         }
-        let active = ids.last().map_or(1, |(id, _)| id + 1);
-        let active_path = segment_path(dir, active);
-        let file = create_segment(&active_path, active)?;
-        index.segments.insert(
-            active,
-            Segment {
-                file: Arc::new(file),
-                path: active_path,
-                live: 0,
-            },
-        );
-        index.active = active;
-        // Drop replayed segments that hold nothing live.
-        let empty: Vec<u64> = index
-            .segments
-            .iter()
-            .filter(|(id, s)| s.live == 0 && **id != active)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in empty {
-            if let Some(s) = index.segments.remove(&id) {
-                let _ = std::fs::remove_file(&s.path);
+        // Segments holding nothing live are retired (the active one stays).
+        for info in segments.list() {
+            if index.live.get(&info.first_lsn).copied().unwrap_or(0) == 0 {
+                segments.retire(info.first_lsn)?;
             }
         }
         let records = index.entries.len();
         let total_units = (max_bytes / UNIT).max(1);
         let free = total_units.saturating_sub(used_units);
-        if records > 0 {
+        if records > 0 || recovery.cut.is_some() {
             info!(
                 records,
                 bytes = used_units * UNIT,
-                "spool replayed: forwarding what the master target has not acknowledged"
+                torn_tail_cut = recovery.cut.is_some(),
+                "spool recovered: forwarding what the master target has not acknowledged"
             );
         }
         let (tx, rx) = mpsc::channel(1024);
         let spool = Arc::new(Spool {
             dir: dir.to_path_buf(),
             index: Mutex::new(index),
+            segments,
             space: Arc::new(Semaphore::new(
                 usize::try_from(free).unwrap_or(usize::MAX >> 4),
             )),
             total_units,
             appends: tx,
             appended: Notify::new(),
+            freed: Notify::new(),
+            failed: watch::channel(None).0,
         });
         let writer = spool.clone();
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer.write_loop(rx))
-            .map_err(|source| SpoolError::Io {
-                what: "start writer thread",
+            .spawn(move || writer.write_loop(log, rx))
+            .map_err(|source| LogError::Io {
+                log: SCOPE,
+                step: "start writer thread",
                 path: dir.to_path_buf(),
                 source,
             })?;
@@ -213,8 +235,25 @@ impl Spool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Resolves once the spool is poisoned (a failed fdatasync, or a failed append it
+    /// could not cut back), with the cause: the process server must stop, and its
+    /// restart recovers the spool from what is durable.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failed.subscribe();
+        loop {
+            if let Some(cause) = rx.borrow_and_update().clone() {
+                return cause;
+            }
+            if rx.changed().await.is_err() {
+                // The sender lives as long as the spool.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Appends a batch or tag frame durably; returns once it is fdatasynced. A record
-    /// already held is not written twice. Waits while the spool is full.
+    /// already held is not written twice. Waits while the spool (or the file system
+    /// under it) is full.
     pub async fn append(&self, msg: &Message, frame: Bytes) -> Result<(), SpoolError> {
         let Some(key) = key_of(msg) else {
             return Ok(());
@@ -222,7 +261,7 @@ impl Spool {
         if self.lock().entries.contains_key(&key) {
             return Ok(()); // entries enter the index only once durable
         }
-        let units = (frame.len() as u64).div_ceil(UNIT);
+        let units = (seglog::RECORD_HEADER + frame.len() as u64).div_ceil(UNIT);
         if units > self.total_units {
             return Err(SpoolError::TooLarge(frame.len()));
         }
@@ -236,40 +275,55 @@ impl Spool {
             .await
             .map_err(|_| SpoolError::WriterGone)?;
         permit.forget(); // returned by `remove`
-        let (done, wait) = oneshot::channel();
-        let sent = self
-            .appends
-            .send(Append {
-                key: key.clone(),
-                frame,
-                units,
-                done,
-            })
-            .await;
-        let result = match sent {
-            Ok(()) => wait.await.map_err(|_| SpoolError::WriterGone)?,
-            Err(_) => Err(io::Error::other("writer stopped")),
-        };
-        match result {
-            Ok(()) => {
-                if let Some(set) = self.lock().rejected.get_mut(&key.0) {
-                    set.remove(&(key.1, key.2));
-                }
-                self.appended.notify_waiters();
-                Ok(())
-            }
-            Err(source) => {
-                self.space.add_permits(units as usize);
-                Err(SpoolError::Io {
-                    what: "append",
-                    path: self.dir.clone(),
-                    source,
+        let mut warned = false;
+        loop {
+            let freed = self.freed.notified();
+            let (done, wait) = oneshot::channel();
+            let sent = self
+                .appends
+                .send(Append {
+                    key: key.clone(),
+                    frame: frame.clone(),
+                    done,
                 })
+                .await;
+            let result = match sent {
+                Ok(()) => wait.await.map_err(|_| SpoolError::WriterGone),
+                Err(_) => Err(SpoolError::WriterGone),
+            };
+            match result {
+                Ok(Ok(())) => {
+                    if let Some(set) = self.lock().rejected.get_mut(&key.0) {
+                        set.remove(&(key.1, key.2));
+                    }
+                    self.appended.notify_waiters();
+                    return Ok(());
+                }
+                Ok(Err(e)) if e.is_out_of_space() => {
+                    // The file system filled before the spool's cap: push back like a
+                    // full spool until the master target frees something.
+                    if !warned {
+                        warn!(disk = %key.0, dir = %self.dir.display(), error = %e, "spool file system full: pushing back on agents until space is freed");
+                        warned = true;
+                    }
+                    tokio::select! {
+                        () = freed => {}
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.space.add_permits(units as usize);
+                    return Err(SpoolError::Append(e));
+                }
+                Err(e) => {
+                    self.space.add_permits(units as usize);
+                    return Err(e);
+                }
             }
         }
     }
 
-    fn write_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Append>) {
+    fn write_loop(self: Arc<Self>, mut log: Log, mut rx: mpsc::Receiver<Append>) {
         let mut pending: Vec<Append> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             pending.push(first);
@@ -283,115 +337,107 @@ impl Spool {
                     Err(_) => break,
                 }
             }
-            let result = self.write_group(&pending);
-            for a in pending.drain(..) {
-                let r = match &result {
-                    Ok(placed) => {
-                        let _ = placed;
-                        Ok(())
+            self.write_group(&mut log, &mut pending);
+            if let Some(cause) = log.segments().poisoned() {
+                self.failed.send_if_modified(|f| {
+                    if f.is_none() {
+                        *f = Some(cause);
+                        return true;
                     }
-                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-                };
-                let _ = a.done.send(r);
+                    false
+                });
             }
         }
     }
 
-    /// Writes a group of records, rolling segments as needed, fdatasyncs, and only then
-    /// enters them in the index. Each record counts as live in its segment from the
+    /// Writes a group of records, fdatasyncs once, and only then enters them in the
+    /// index and answers each. Each record counts as live in its segment from the
     /// moment it is placed, so no segment holding a record of this group can be
     /// retired by a concurrent `remove` while the group is still being written.
-    fn write_group(&self, group: &[Append]) -> io::Result<()> {
-        let (mut active, mut file, mut offset) = {
-            let idx = self.lock();
-            let seg = &idx.segments[&idx.active];
-            (idx.active, seg.file.clone(), seg.file.metadata()?.len())
-        };
-        let mut placed: Vec<Entry> = Vec::with_capacity(group.len());
-        let mut closed: Vec<u64> = Vec::new();
-        let result = (|| -> io::Result<()> {
-            for a in group {
-                if offset >= SEGMENT_TARGET {
-                    // Records in the closing segment must be durable before we ack them.
-                    file.sync_data()?;
-                    let next = active + 1;
-                    let path = segment_path(&self.dir, next);
-                    let f = Arc::new(create_segment(&path, next).map_err(io::Error::other)?);
-                    let mut idx = self.lock();
-                    idx.segments.insert(
-                        next,
-                        Segment {
-                            file: f.clone(),
-                            path,
-                            live: 0,
-                        },
-                    );
-                    idx.active = next;
-                    drop(idx);
-                    closed.push(active);
-                    active = next;
-                    file = f;
-                    offset = SEGMENT_HEADER;
+    fn write_group(&self, log: &mut Log, group: &mut Vec<Append>) {
+        let mut placed: Vec<Position> = Vec::with_capacity(group.len());
+        let mut failure: Option<Arc<LogError>> = None;
+        for a in group.iter() {
+            match log.append(KIND_FRAME, &[&a.frame]) {
+                Ok(pos) => {
+                    *self.lock().live.entry(pos.segment).or_default() += 1;
+                    placed.push(pos);
                 }
-                let entry = Entry {
-                    segment: active,
-                    offset,
-                    len: u32::try_from(a.frame.len()).map_err(io::Error::other)?,
-                    units: a.units,
-                };
-                if let Some(seg) = self.lock().segments.get_mut(&active) {
-                    seg.live += 1;
-                }
-                placed.push(entry);
-                file.write_all_at(&a.frame, offset)?;
-                offset += a.frame.len() as u64;
-            }
-            // The group commit: one fdatasync makes every record above durable.
-            file.sync_data()
-        })();
-        let mut retire = closed;
-        {
-            let mut idx = self.lock();
-            match &result {
-                Ok(()) => {
-                    for (a, entry) in group.iter().zip(&placed) {
-                        if let Some(old) = idx.entries.insert(a.key.clone(), *entry) {
-                            // A resend raced its original: keep one copy, free the other.
-                            if let Some(seg) = idx.segments.get_mut(&old.segment) {
-                                seg.live = seg.live.saturating_sub(1);
-                            }
-                            self.space.add_permits(old.units as usize);
-                            retire.push(old.segment);
-                        }
-                    }
-                }
-                Err(_) => {
-                    for entry in &placed {
-                        if let Some(seg) = idx.segments.get_mut(&entry.segment) {
-                            seg.live = seg.live.saturating_sub(1);
-                        }
-                    }
+                Err(e) => {
+                    // The log cut the failed record back; later ones wait for a retry
+                    // (their senders get the same error).
+                    failure = Some(Arc::new(e));
+                    break;
                 }
             }
         }
+        // The group commit: one fdatasync makes every record placed above durable.
+        let synced = if placed.is_empty() {
+            Ok(0)
+        } else {
+            log.sync().map_err(Arc::new)
+        };
+        let mut retire = Vec::new();
+        {
+            let mut idx = self.lock();
+            for (a, pos) in group.iter().zip(&placed) {
+                if synced.is_ok() {
+                    let entry = Entry {
+                        pos: *pos,
+                        units: units_of(pos.len),
+                    };
+                    if let Some(old) = idx.entries.insert(a.key.clone(), entry) {
+                        // A resend raced its original: keep one copy, free the other.
+                        if let Some(n) = idx.live.get_mut(&old.pos.segment) {
+                            *n = n.saturating_sub(1);
+                        }
+                        self.space.add_permits(old.units as usize);
+                        retire.push(old.pos.segment);
+                    }
+                } else if let Some(n) = idx.live.get_mut(&pos.segment) {
+                    *n = n.saturating_sub(1);
+                    retire.push(pos.segment);
+                }
+            }
+        }
+        // Segments closed by this group's rolls may hold nothing live any more.
+        retire.extend(placed.iter().map(|p| p.segment));
+        retire.sort_unstable();
+        retire.dedup();
         for id in retire {
             self.retire_if_empty(id);
         }
-        result
-    }
-
-    fn retire_if_empty(&self, id: u64) {
-        let mut idx = self.lock();
-        let retire = idx.active != id && idx.segments.get(&id).is_some_and(|s| s.live == 0);
-        if retire {
-            if let Some(s) = idx.segments.remove(&id) {
-                // No fsync of the directory: a deletion lost in a crash only replays
-                // records the master target already holds, which it acks as duplicates.
-                let _ = std::fs::remove_file(&s.path);
-            }
+        let n = placed.len();
+        for (i, a) in group.drain(..).enumerate() {
+            let r = match (&synced, &failure) {
+                (Ok(_), _) if i < n => Ok(()),
+                (Err(e), _) if i < n => Err(e.clone()),
+                (_, Some(e)) => Err(e.clone()),
+                // Unreachable: records after the placed ones exist only after a failure.
+                (_, None) => Ok(()),
+            };
+            let _ = a.done.send(r);
         }
     }
 
+    fn retire_if_empty(&self, id: u64) {
+        if self.lock().live.get(&id).copied().unwrap_or(0) > 0 {
+            return;
+        }
+        // Records are placed only in the active segment, which is never retired, and a
+        // closed segment never becomes active again: nothing can be placed in `id` now.
+        match self.segments.retire(id) {
+            Ok(0) => {}
+            Ok(_) => {
+                self.lock().live.remove(&id);
+            }
+            // A retire lost in a crash only replays records the master target already
+            // holds, which it acks as duplicates.
+            Err(e) => {
+                warn!(segment = id, error = %e, "spool: cannot retire an acknowledged segment; it is retried at the next start")
+            }
+        }
+    }
     /// Up to `max` keys to forward next: not in `in_flight`, in order per disk,
     /// round-robin over disks, and never past a gap. `sent` holds, per disk, the
     /// highest `(generation, seq)` handed out so far; a key is eligible when it is at
@@ -467,24 +513,12 @@ impl Spool {
         out
     }
 
-    /// The frame bytes of a held record.
-    pub fn read(&self, key: &Key) -> io::Result<Option<Bytes>> {
-        let (entry, file) = {
-            let idx = self.lock();
-            let Some(e) = idx.entries.get(key).copied() else {
-                return Ok(None);
-            };
-            let Some(seg) = idx.segments.get(&e.segment) else {
-                return Err(io::Error::other(format!(
-                    "record {key:?} points at segment {} which is gone: the spool is damaged",
-                    e.segment
-                )));
-            };
-            (e, seg.file.clone())
+    /// The frame bytes of a held record (checksum verified).
+    pub fn read(&self, key: &Key) -> Result<Option<Bytes>, SpoolError> {
+        let Some(entry) = self.lock().entries.get(key).copied() else {
+            return Ok(None);
         };
-        let mut buf = vec![0u8; entry.len as usize];
-        file.read_exact_at(&mut buf, entry.offset)?;
-        Ok(Some(Bytes::from(buf)))
+        Ok(Some(self.segments.read(entry.pos)?.payload))
     }
 
     /// Forgets a record the master target acknowledged; frees its space.
@@ -494,15 +528,15 @@ impl Spool {
             let Some(e) = idx.entries.remove(key) else {
                 return;
             };
-            if let Some(seg) = idx.segments.get_mut(&e.segment) {
-                seg.live = seg.live.saturating_sub(1);
+            if let Some(n) = idx.live.get_mut(&e.pos.segment) {
+                *n = n.saturating_sub(1);
             }
             self.space.add_permits(e.units as usize);
-            e.segment
+            e.pos.segment
         };
+        self.freed.notify_waiters();
         self.retire_if_empty(segment);
     }
-
     /// Drops a record the master target refused and remembers that the agent must
     /// send it again.
     pub fn reject(&self, key: &Key) {
@@ -536,150 +570,11 @@ impl Spool {
     }
 }
 
-fn segment_path(dir: &Path, id: u64) -> PathBuf {
-    dir.join(format!("seg-{id:016x}.spool"))
-}
-
-fn segment_header(id: u64) -> [u8; SEGMENT_HEADER_LEN] {
-    let mut h = [0u8; SEGMENT_HEADER_LEN];
-    h[0..4].copy_from_slice(&SEGMENT_MAGIC);
-    h[4..6].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
-    h[8..16].copy_from_slice(&id.to_le_bytes());
-    let crc = crc32fast::hash(&h[..16]);
-    h[16..20].copy_from_slice(&crc.to_le_bytes());
-    h
-}
-
-fn create_segment(path: &Path, id: u64) -> Result<File, SpoolError> {
-    let io = |what| {
-        move |source| SpoolError::Io {
-            what,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(io("create segment"))?;
-    f.write_all(&segment_header(id))
-        .map_err(io("write segment header"))?;
-    // The header and the new directory entry must be durable before any record in
-    // this segment is acknowledged.
-    f.sync_all().map_err(io("fsync segment"))?;
-    if let Some(dir) = path.parent() {
-        fsync_dir(dir).map_err(|e| SpoolError::Io {
-            what: "fsync spool directory",
-            path: dir.to_path_buf(),
-            source: io::Error::other(e),
-        })?;
-    }
-    Ok(f)
-}
-
-/// Replays one segment into the index; returns the space units its records use.
-fn replay_segment(id: u64, path: &Path, index: &mut Index) -> Result<u64, SpoolError> {
-    let io = |what| {
-        move |source| SpoolError::Io {
-            what,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(io("open segment"))?;
-    let len = file.metadata().map_err(io("stat segment"))?.len();
-    let mut header = [0u8; SEGMENT_HEADER_LEN];
-    if len < SEGMENT_HEADER
-        || file.read_exact_at(&mut header, 0).is_err()
-        || header != segment_header(id)
-    {
-        warn!(segment = %path.display(), "spool segment has no valid header (torn at creation): removing it");
-        let _ = std::fs::remove_file(path);
-        return Ok(0);
-    }
-    let mut offset = SEGMENT_HEADER;
-    let mut units = 0u64;
-    let mut live = 0usize;
-    let mut hdr = [0u8; HEADER_LEN];
-    while offset < len {
-        let torn = |why: String| {
-            warn!(segment = %path.display(), offset, %why, "torn or corrupt spool tail: cutting it off (those records were never acknowledged)");
-        };
-        if offset + HEADER_LEN as u64 > len || file.read_exact_at(&mut hdr, offset).is_err() {
-            torn("short header".into());
-            break;
-        }
-        let h = match FrameHeader::parse(&hdr) {
-            Ok(h) => h,
-            Err(e) => {
-                torn(e.to_string());
-                break;
-            }
-        };
-        let total = HEADER_LEN as u64 + h.body_len as u64;
-        if offset + total > len {
-            torn("short record".into());
-            break;
-        }
-        let mut buf = vec![0u8; usize::try_from(total).unwrap_or(0)];
-        if file.read_exact_at(&mut buf, offset).is_err() {
-            torn("unreadable record".into());
-            break;
-        }
-        let buf = Bytes::from(buf);
-        let msg = match Message::decode_exact(&buf) {
-            Ok(m) => m,
-            Err(e) => {
-                torn(e.to_string());
-                break;
-            }
-        };
-        if let Some(key) = key_of(&msg) {
-            let u = total.div_ceil(UNIT);
-            let entry = Entry {
-                segment: id,
-                offset,
-                len: u32::try_from(total).unwrap_or(u32::MAX),
-                units: u32::try_from(u).unwrap_or(u32::MAX),
-            };
-            if let Some(old) = index.entries.insert(key, entry) {
-                units -= u64::from(old.units);
-                if old.segment == id {
-                    live -= 1;
-                } else if let Some(s) = index.segments.get_mut(&old.segment) {
-                    s.live = s.live.saturating_sub(1);
-                }
-            }
-            units += u;
-            live += 1;
-        }
-        offset += total;
-    }
-    if offset < len {
-        file.set_len(offset).map_err(io("truncate torn tail"))?;
-        file.sync_all().map_err(io("fsync segment"))?;
-    }
-    index.segments.insert(
-        id,
-        Segment {
-            file: Arc::new(file),
-            path: path.to_path_buf(),
-            live,
-        },
-    );
-    Ok(units)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use boomerang_common::message::{Tag, TagKind};
+    use std::path::PathBuf;
 
     fn tag(seq: u64) -> Message {
         Message::Tag(Tag {
@@ -693,6 +588,29 @@ mod tests {
         })
     }
 
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .expect("list")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "spool"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn key(seq: u64) -> Key {
+        ("d0".to_string(), 1, seq)
+    }
+
+    fn held(spool: &Spool) -> Vec<u64> {
+        spool
+            .next_unsent(&BTreeSet::new(), 1000, &mut HashMap::new())
+            .iter()
+            .map(|k| k.2)
+            .collect()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn replay_keeps_unacked_records_and_cuts_a_torn_tail() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -702,38 +620,158 @@ mod tests {
                 let m = tag(seq);
                 spool.append(&m, m.encode()).await.expect("append");
             }
-            spool.remove(&("d0".to_string(), 1, 0));
+            spool.remove(&key(0));
             assert_eq!(spool.usage().0, 3);
         }
-        // A torn append: half a frame at the end of the newest segment.
-        let newest = std::fs::read_dir(dir.path())
-            .expect("list")
-            .flatten()
-            .map(|e| e.path())
-            .max()
-            .expect("a segment");
+        // A torn append: half a frame at the end of the active segment.
+        let newest = segment_files(dir.path()).pop().expect("a segment");
         let half = tag(9).encode();
-        let mut f = OpenOptions::new()
+        let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(&newest)
             .expect("open segment");
-        f.write_all(&half[..half.len() / 2]).expect("write");
+        std::io::Write::write_all(&mut f, &half[..half.len() / 2]).expect("write");
         drop(f);
 
         let spool = Spool::open(dir.path(), 64 << 20).expect("reopen");
-        let keys = spool.next_unsent(&BTreeSet::new(), 10, &mut HashMap::new());
-        let seqs: Vec<u64> = keys.iter().map(|k| k.2).collect();
         // Seq 0 was acknowledged, but its segment is still live: it comes back and the
         // master target acknowledges it again as a duplicate. The torn seq 9 never does.
-        assert_eq!(seqs, vec![0, 1, 2, 3]);
-        let frame = spool.read(&keys[1]).expect("read").expect("held");
+        assert_eq!(held(&spool), vec![0, 1, 2, 3]);
+        let frame = spool.read(&key(1)).expect("read").expect("held");
         assert_eq!(Message::decode_exact(&frame).expect("decodes"), tag(1));
-        let whole: u64 = (0..4).map(|s| tag(s).encode().len() as u64).sum();
+        let whole: u64 = (0..4)
+            .map(|s| seglog::RECORD_HEADER + tag(s).encode().len() as u64)
+            .sum();
         assert_eq!(
             std::fs::metadata(&newest).expect("stat").len(),
-            SEGMENT_HEADER + whole,
+            seglog::SEGMENT_HEADER + whole,
             "the torn tail was cut off"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_failed_mid_group_never_costs_an_acknowledged_record() {
+        // Issue 8 defect 1: a short write left partial bytes, the next group was
+        // placed after them and acknowledged, and the next start cut it away.
+        use boomerang_common::faults;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), 64 << 20).expect("open");
+        let m = tag(0);
+        spool.append(&m, m.encode()).await.expect("append");
+        {
+            // Half of seq 1 is stored, then ENOSPC: the append waits for space.
+            let rule = faults::arm_under(dir.path(), "spool.write@1=short").expect("arm");
+            let m = tag(1);
+            tokio::time::timeout(Duration::from_secs(10), spool.append(&m, m.encode()))
+                .await
+                .expect("retried once the file system had room")
+                .expect("append after the retry");
+            assert_eq!(rule.fired(), 1);
+        }
+        {
+            // EIO: this agent's record is refused (it resends), nothing is left.
+            let _rule = faults::arm_under(dir.path(), "spool.write@1=eio").expect("arm");
+            let m = tag(2);
+            let err = spool.append(&m, m.encode()).await.expect_err("EIO");
+            assert!(err.to_string().contains("append"), "{err}");
+        }
+        for seq in 2..4 {
+            let m = tag(seq);
+            spool.append(&m, m.encode()).await.expect("append");
+        }
+        drop(spool);
+        let spool = Spool::open(dir.path(), 64 << 20).expect("reopen");
+        assert_eq!(held(&spool), vec![0, 1, 2, 3], "every acknowledged record");
+        for seq in 0..4 {
+            let frame = spool.read(&key(seq)).expect("read").expect("held");
+            assert_eq!(Message::decode_exact(&frame).expect("decodes"), tag(seq));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn damage_in_a_closed_segment_is_refused_not_cut() {
+        // Issue 8 defect 1, second half: a closed segment's records were acknowledged.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), 1 << 30).expect("open");
+        let chunk = 8 << 20;
+        let mut seq = 0;
+        while segment_files(dir.path()).len() < 2 {
+            let m = batch_of(seq, chunk);
+            spool.append(&m, m.encode()).await.expect("append");
+            seq += 1;
+        }
+        drop(spool);
+        let first = segment_files(dir.path())[0].clone();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&first)
+            .expect("open");
+        std::os::unix::fs::FileExt::write_all_at(&f, b"rot", 4 << 20).expect("rot");
+        drop(f);
+        let err = Spool::open(dir.path(), 1 << 30).expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            matches!(err, SpoolError::Log(LogError::Corrupt { .. })),
+            "{text}"
+        );
+        assert!(text.contains(&first.display().to_string()), "{text}");
+        assert_eq!(
+            segment_files(dir.path()).len(),
+            2,
+            "nothing was cut or removed"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_fdatasync_poisons_the_spool_until_it_is_reopened() {
+        // Issue 8 defect 3: a later fsync may succeed after the dirty pages were dropped.
+        use boomerang_common::faults;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), 64 << 20).expect("open");
+        let m = tag(0);
+        spool.append(&m, m.encode()).await.expect("append");
+        {
+            let _rule = faults::arm_under(dir.path(), "spool.sync@1=eio").expect("arm");
+            let m = tag(1);
+            spool
+                .append(&m, m.encode())
+                .await
+                .expect_err("fdatasync failed");
+        }
+        let cause = tokio::time::timeout(Duration::from_secs(5), spool.failed())
+            .await
+            .expect("the spool reports that it failed");
+        assert!(cause.contains("fdatasync"), "{cause}");
+        let m = tag(2);
+        let err = spool.append(&m, m.encode()).await.expect_err("poisoned");
+        assert!(err.to_string().contains("reopened"), "{err}");
+        assert!(
+            spool.read(&key(1)).expect("read").is_none(),
+            "never acknowledged"
+        );
+        drop(spool);
+        let spool = Spool::open(dir.path(), 64 << 20).expect("reopen");
+        assert!(held(&spool).starts_with(&[0]), "{:?}", held(&spool));
+        let m = tag(2);
+        spool
+            .append(&m, m.encode())
+            .await
+            .expect("append after reopen");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spool_files_and_directory_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool_dir = dir.path().join("spool");
+        let spool = Spool::open(&spool_dir, 64 << 20).expect("open");
+        let m = tag(0);
+        spool.append(&m, m.encode()).await.expect("append");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&spool_dir), 0o700);
+        for f in segment_files(&spool_dir) {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
     }
 
     fn batch_of(seq: u64, len: usize) -> Message {
