@@ -378,6 +378,20 @@ impl Log {
         dir: &Path,
         cfg: LogConfig,
         start_lsn: u64,
+        visit: impl FnMut(Visit<'_>) -> Result<(), String>,
+    ) -> Result<(Log, Recovery), LogError> {
+        Log::open_needing(dir, cfg, start_lsn, Some(start_lsn), visit)
+    }
+
+    /// [`Log::open`] for an owner whose lowest needed lsn is not the first lsn of an
+    /// empty log: `needed` is the lowest lsn it still needs (`None`: it needs whatever
+    /// the oldest segment holds; segments must still follow each other without gaps in
+    /// a [`Retire::Prefix`] log).
+    pub fn open_needing(
+        dir: &Path,
+        cfg: LogConfig,
+        start_lsn: u64,
+        needed: Option<u64>,
         mut visit: impl FnMut(Visit<'_>) -> Result<(), String>,
     ) -> Result<(Log, Recovery), LogError> {
         let shared = Shared {
@@ -431,7 +445,7 @@ impl Log {
         }
 
         let mut recovery = Recovery::default();
-        let actions = match recover::plan(&scans, cfg.retire, Some(start_lsn)) {
+        let actions = match recover::plan(&scans, cfg.retire, needed) {
             Plan::Recover(actions) => actions,
             Plan::Corrupt {
                 segment,

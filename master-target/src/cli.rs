@@ -236,6 +236,9 @@ struct RunArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging("info");
+    if let Err(e) = boomerang_common::faults::init_from_env() {
+        return exit_code("boomerang-mt", Err(e));
+    }
     exit_code("boomerang-mt", dispatch(cli).map_err(|e| format!("{e:#}")))
 }
 

@@ -350,6 +350,12 @@ impl Disk {
         lock(&self.journal).size_bytes()
     }
 
+    /// Bytes of the retention journal's records from `lsn` on: what keeping a cut at
+    /// `lsn` costs (0 when the journal cannot tell, e.g. history already pruned).
+    pub fn journal_bytes_from(&self, lsn: u64) -> u64 {
+        lock(&self.journal).bytes_from(lsn).unwrap_or(0)
+    }
+
     /// Stops (with `reason`, told to senders) or resumes applying records; returns once
     /// a record being applied has finished.
     pub async fn set_paused(&self, reason: Option<String>) {
@@ -753,7 +759,12 @@ mod tests {
             Arc::new(FileReplica::open_or_create(&dir.join("d0.img"), 1 << 20).expect("replica"));
         let rec = DiskRecord::new("d0", "g", 1 << 20, dir.join("d0.img"));
         let st = StateFile::open_or_create(&dir.join("d0.state"), rec).expect("state");
-        let journal = UndoJournal::open(&dir.join("retention")).expect("journal");
+        let journal = UndoJournal::open(
+            &dir.join("retention"),
+            crate::retention::SEGMENT_BYTES,
+            None,
+        )
+        .expect("journal");
         Disk::start(replica, st, journal)
     }
 

@@ -122,7 +122,8 @@ impl Disks {
                     reason: e.to_string(),
                 }
             })?;
-            let journal = disks.open_journal(&rec.disk)?;
+            let oldest = rec.points.iter().map(|c| c.lsn).min();
+            let journal = disks.open_journal(&rec.disk, oldest)?;
             info!(disk = %rec.disk, generation = rec.position.generation, next_seq = rec.position.next_seq, points = rec.points.len(), journal_bytes = journal.size_bytes(), "disk loaded");
             disks
                 .lock()
@@ -131,15 +132,20 @@ impl Disks {
         Ok(disks)
     }
 
-    fn open_journal(&self, disk: &str) -> Result<UndoJournal, DisksError> {
+    /// Opens a disk's undo journal; `oldest_needed` is the lsn of its oldest point.
+    fn open_journal(
+        &self,
+        disk: &str,
+        oldest_needed: Option<u64>,
+    ) -> Result<UndoJournal, DisksError> {
         let dir = self.retention_dir.join(disk);
-        UndoJournal::open(&dir)
-            .map(|j| j.with_segment_bytes(self.segment_bytes))
-            .map_err(|e| DisksError::Storage {
+        UndoJournal::open(&dir, self.segment_bytes, oldest_needed).map_err(|e| {
+            DisksError::Storage {
                 what: "open retention journal",
                 path: dir,
                 reason: e.to_string(),
-            })
+            }
+        })
     }
 
     /// Every disk, sorted by id.
@@ -221,7 +227,8 @@ impl Disks {
             reason: e.to_string(),
         })?;
         info!(disk, size, replica = %path.display(), "new disk: replica ready");
-        let journal = self.open_journal(disk)?;
+        let oldest = st.get().points.iter().map(|c| c.lsn).min();
+        let journal = self.open_journal(disk, oldest)?;
         let d = Disk::start(replica, st, journal);
         self.lock().entry(disk.to_string()).or_insert(d);
         Ok(DiskState {

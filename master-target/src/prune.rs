@@ -49,7 +49,7 @@ pub async fn prune_once(site: &Site, policy: &RetentionPolicy) -> anyhow::Result
                         disks
                             .iter()
                             .find(|d| d.id() == disk)
-                            .map_or(0, |d| d.journal_end().saturating_sub(c.lsn))
+                            .map_or(0, |d| d.journal_bytes_from(c.lsn))
                     })
                     .sum(),
             })
@@ -197,7 +197,11 @@ mod tests {
         for k in 0..8u64 {
             rig.write(k << 20, 100 + k as u8).await;
         }
-        assert_eq!(rig.site.disks.get("d0").expect("disk").journal_bytes(), 0);
+        assert_eq!(
+            rig.site.disks.get("d0").expect("disk").journal_bytes(),
+            boomerang_common::seglog::SEGMENT_HEADER,
+            "only the empty active segment"
+        );
         let now = now_ms();
         let mut expected = Vec::new();
         // Old points (outside a 1 h window), then recent ones; each followed by writes.

@@ -1,5 +1,5 @@
 //! The retention journal: an undo journal of before-images, one per disk, in the
-//! retention directory (`<retention_dir>/<disk>/<first lsn>.undo`).
+//! retention directory (`<retention_dir>/<disk>/`), kept in a [`seglog`] log.
 //!
 //! Why undo and not redo: the replica stays at the newest applied state, so manifests,
 //! resyncs and the newest point cost nothing extra; history is only read when a point
@@ -7,13 +7,13 @@
 //!
 //! How: before the apply path overwrites a range of the replica, it reads the range's
 //! current bytes and appends them here as one record, then fdatasyncs this journal, and
-//! only then writes the replica. A record's lsn is its byte position in the disk's
-//! journal (segments follow each other without gaps). A tag applied when the journal
-//! ends at `L` makes a cut at lsn `L`; the cut is remembered by the disk record, which is
-//! stored only after the replica's own fdatasync. To give the bytes of a cut at `L`:
-//! start from the replica (or a copy of it taken at any time later), then write back
-//! every record with lsn ≥ `L`, newest first. Each block ends with the before-image of
-//! the first write after `L` that touched it, which is its content at the cut.
+//! only then writes the replica. A record's lsn is its number in the disk's journal
+//! (0, 1, 2, ...; contiguous). A tag applied when the journal's next lsn is `L` makes
+//! a cut at lsn `L`; the cut is remembered by the disk record, which is stored only
+//! after the replica's own fdatasync. To give the bytes of a cut at `L`: start from the
+//! replica (or a copy of it taken at any time later), then write back every record
+//! with lsn ≥ `L`, newest first. Each block ends with the before-image of the first
+//! write after `L` that touched it, which is its content at the cut.
 //!
 //! Crash safety: a record is durable before the write it protects starts, so every
 //! write the replica may hold has its record. A record whose write never happened
@@ -21,39 +21,44 @@
 //! again after a crash appends a second record whose before-image may already be the
 //! new data; the older, true record comes later in the newest-first order and wins.
 //!
-//! Record format (little endian): magic `BUND`, version, codec (0 raw, 1 zstd, 2 zeros),
-//! 2 reserved bytes, lsn u64, replica offset u64, raw length u64, payload length u32,
-//! crc32 u32 over the 36 header bytes before it and the payload. At open, the last
-//! segment is scanned and a torn tail (short or failing its checksum) is cut off and
-//! never applied; earlier segments were synced before the next one began, so damage
-//! there is reported as corruption and nothing is guessed.
+//! Storage faults (seglog's rules): an append that fails is cut back before the error
+//! is returned, so the next record follows the last good one and no restart can cut
+//! off a record whose replica write happened; a failed fdatasync poisons the journal:
+//! the disk applies nothing more that needs history until the master target is
+//! restarted, which recovers the journal from what is durable. A full file system is
+//! [`RetentionError::Full`]: the disk stops applying (the process server keeps the
+//! batches) until points are pruned or space is given.
+//!
+//! Layout: segments `seg-<first lsn, 16 hex>.undo` of a seglog log of kind `MUND`;
+//! the record kind is the codec (1 raw, 2 zstd, 3 zeros) and the payload is
+//! `replica offset u64 LE | raw length u64 LE | data`. Only the last segment's tail
+//! may be torn (cut at open: it protected no write); damage elsewhere is corruption,
+//! found at open (segment headers, lsns) or when history is read (checksums), and
+//! nothing is guessed. Segments of the first format (`<byte lsn, 20 digits>.undo`,
+//! lsns as byte positions) are refused with what to do.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
-use std::os::unix::fs::FileExt as _;
+use std::io;
 use std::path::{Path, PathBuf};
 
-use boomerang_common::durable::{create_dir_durable, fsync_dir};
-use tracing::warn;
+use boomerang_common::seglog::{self, Log, LogConfig, LogError, Retire, SegmentInfo, Segments};
 
-const MAGIC: [u8; 4] = *b"BUND";
-const VERSION: u8 = 1;
-/// Header bytes of a record.
-pub const HEADER: usize = 40;
 /// Largest raw range one record holds; the apply path splits larger writes.
 pub const MAX_RECORD: usize = 4 << 20;
 /// A segment is closed and a new one begun once it passes this size (by default):
 /// pruning frees whole segments.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// Bytes of a record's payload before its data.
+const PAYLOAD_HEAD: usize = 16;
 
-const CODEC_RAW: u8 = 0;
-const CODEC_ZSTD: u8 = 1;
-const CODEC_ZERO: u8 = 2;
+const CODEC_RAW: u8 = 1;
+const CODEC_ZSTD: u8 = 2;
+const CODEC_ZERO: u8 = 3;
+const SCOPE: &str = "undo";
 
 /// Errors of the retention journal.
 #[derive(Debug, thiserror::Error)]
 pub enum RetentionError {
-    /// The file system failed.
+    /// A step outside the log failed (writing history back into its target).
     #[error("retention journal {path}: {what}: {source}")]
     Io {
         /// File or directory.
@@ -61,6 +66,25 @@ pub enum RetentionError {
         /// Step.
         what: &'static str,
         /// OS error.
+        source: io::Error,
+    },
+    /// The log failed (IO, damage, another version); it names the file.
+    #[error("retention journal: {0}")]
+    Log(LogError),
+    /// An fdatasync failed: the journal takes nothing more until restart.
+    #[error("retention journal {dir}: {cause}; the disk applies nothing more until the master target is restarted (it recovers the journal from what is durable): check the disk first")]
+    Poisoned {
+        /// Directory.
+        dir: PathBuf,
+        /// The failure.
+        cause: String,
+    },
+    /// The file system holding the journal is full.
+    #[error("retention journal {dir}: the file system is full ({source}); the disk stops applying (the process server keeps its batches) until there is room: prune points (`boomerang-mt prune`), cap the journal ([retention] max_journal_bytes) or give the retention directory more space")]
+    Full {
+        /// Directory.
+        dir: PathBuf,
+        /// The OS error.
         source: io::Error,
     },
     /// A record that was made durable does not read back.
@@ -83,107 +107,46 @@ pub enum RetentionError {
         /// Oldest lsn held.
         oldest: u64,
     },
+    /// Segments of the first format, whose lsns were byte positions.
+    #[error("retention journal {dir}: {file} is of the first journal format (lsns were byte positions), which this version does not read: the points it backs cannot be rebuilt by this version; move {dir} away (the disk's older points are then lost; newer ones are taken from here on) or run the version that wrote it")]
+    OldFormat {
+        /// Directory.
+        dir: PathBuf,
+        /// One old segment.
+        file: String,
+    },
 }
 
-#[derive(Debug, Clone)]
-struct Segment {
-    base: u64,
-    len: u64,
-    path: PathBuf,
+fn log_error(dir: &Path, e: LogError) -> RetentionError {
+    match e {
+        LogError::Poisoned { cause, .. } => RetentionError::Poisoned {
+            dir: dir.to_path_buf(),
+            cause,
+        },
+        LogError::Io { source, .. } if seglog::is_out_of_space(&source) => RetentionError::Full {
+            dir: dir.to_path_buf(),
+            source,
+        },
+        LogError::Corrupt {
+            path,
+            offset,
+            reason,
+            ..
+        } => RetentionError::Corrupt {
+            path,
+            at: offset,
+            reason,
+        },
+        e => RetentionError::Log(e),
+    }
 }
 
 /// One disk's undo journal.
 #[derive(Debug)]
 pub struct UndoJournal {
     dir: PathBuf,
-    segments: Vec<Segment>,
-    current: File,
-    unsynced: bool,
+    log: Log,
     pins: usize,
-    segment_bytes: u64,
-}
-
-/// One decoded record header.
-#[derive(Debug, Clone, Copy)]
-struct Header {
-    codec: u8,
-    lsn: u64,
-    offset: u64,
-    raw_len: u64,
-    payload_len: u32,
-    crc: u32,
-}
-
-fn parse_header(b: &[u8; HEADER]) -> Result<Header, String> {
-    if b[0..4] != MAGIC {
-        return Err("bad magic".into());
-    }
-    if b[4] != VERSION {
-        return Err(format!("unknown version {}", b[4]));
-    }
-    let u64_at = |i: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[i..i + 8]);
-        u64::from_le_bytes(a)
-    };
-    let u32_at = |i: usize| {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(&b[i..i + 4]);
-        u32::from_le_bytes(a)
-    };
-    let h = Header {
-        codec: b[5],
-        lsn: u64_at(8),
-        offset: u64_at(16),
-        raw_len: u64_at(24),
-        payload_len: u32_at(32),
-        crc: u32_at(36),
-    };
-    if h.codec > CODEC_ZERO {
-        return Err(format!("unknown codec {}", h.codec));
-    }
-    if h.raw_len == 0 || h.raw_len > MAX_RECORD as u64 {
-        return Err(format!("raw length {} out of range", h.raw_len));
-    }
-    let max_payload = match h.codec {
-        CODEC_RAW => h.raw_len,
-        CODEC_ZSTD => h.raw_len + 1024,
-        _ => 0,
-    };
-    if u64::from(h.payload_len) > max_payload {
-        return Err(format!("payload length {} out of range", h.payload_len));
-    }
-    Ok(h)
-}
-
-fn encode_record(lsn: u64, offset: u64, raw_len: u64, codec: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.push(VERSION);
-    out.push(codec);
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&lsn.to_le_bytes());
-    out.extend_from_slice(&offset.to_le_bytes());
-    out.extend_from_slice(&raw_len.to_le_bytes());
-    let plen = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&plen.to_le_bytes());
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&out);
-    crc.update(payload);
-    out.extend_from_slice(&crc.finalize().to_le_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-fn checksum(header: &[u8; HEADER], payload: &[u8]) -> u32 {
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&header[..36]);
-    crc.update(payload);
-    crc.finalize()
-}
-
-fn segment_name(base: u64) -> String {
-    format!("{base:020}.undo")
 }
 
 /// Where a record's bytes go when history is written back.
@@ -194,97 +157,118 @@ pub trait UndoTarget {
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()>;
 }
 
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// A decoded record: codec, replica offset, raw length, data.
+fn parse_record(kind: u8, payload: &[u8]) -> Result<(u8, u64, u64, &[u8]), String> {
+    if payload.len() < PAYLOAD_HEAD {
+        return Err(format!("record payload of {} bytes", payload.len()));
+    }
+    let (offset, raw_len) = (le_u64(payload), le_u64(&payload[8..]));
+    let data = &payload[PAYLOAD_HEAD..];
+    if raw_len == 0 || raw_len > MAX_RECORD as u64 {
+        return Err(format!("raw length {raw_len} out of range"));
+    }
+    let fits = match kind {
+        CODEC_RAW => data.len() as u64 == raw_len,
+        CODEC_ZSTD => data.len() as u64 <= raw_len + 1024,
+        CODEC_ZERO => data.is_empty(),
+        other => return Err(format!("unknown codec {other}")),
+    };
+    if !fits {
+        return Err(format!(
+            "{} data bytes for {raw_len} raw bytes in codec {kind}",
+            data.len()
+        ));
+    }
+    Ok((kind, offset, raw_len, data))
+}
+
 impl UndoJournal {
-    /// Opens (or creates) the journal in `dir`, cutting a torn tail off its last
-    /// segment.
-    pub fn open(dir: &Path) -> Result<Self, RetentionError> {
-        let io_err = |path: &Path, what, source| RetentionError::Io {
-            path: path.to_path_buf(),
-            what,
-            source,
-        };
-        create_dir_durable(dir)
-            .map_err(|e| io_err(dir, "create directory", io::Error::other(e)))?;
-        let mut bases = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, "list", e))? {
-            let entry = entry.map_err(|e| io_err(dir, "list", e))?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if let Some(stem) = name.strip_suffix(".undo") {
-                if let Ok(base) = stem.parse::<u64>() {
-                    bases.push(base);
-                }
-            }
-        }
-        bases.sort_unstable();
-        let mut segments = Vec::new();
-        for (i, base) in bases.iter().enumerate() {
-            let path = dir.join(segment_name(*base));
-            let last = i + 1 == bases.len();
-            let len = scan_segment(&path, *base, last)?;
-            if let Some(prev) = segments.last() {
-                let prev: &Segment = prev;
-                if prev.base + prev.len != *base {
-                    return Err(RetentionError::Corrupt {
-                        path: path.clone(),
-                        at: 0,
-                        reason: format!(
-                            "segment starts at lsn {base} but the one before ends at {}",
-                            prev.base + prev.len
-                        ),
+    /// Opens (or creates) the journal in `dir` with segments of about `segment_bytes`,
+    /// cutting a torn tail off its last segment. `oldest_needed`: the lsn of the oldest
+    /// cut the disk keeps, if any; history from it on must all be there.
+    pub fn open(
+        dir: &Path,
+        segment_bytes: u64,
+        oldest_needed: Option<u64>,
+    ) -> Result<Self, RetentionError> {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let old = name.strip_suffix(".undo").is_some_and(|stem| {
+                    stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit())
+                });
+                if old {
+                    return Err(RetentionError::OldFormat {
+                        dir: dir.to_path_buf(),
+                        file: name,
                     });
                 }
             }
-            segments.push(Segment {
-                base: *base,
-                len,
-                path,
-            });
         }
-        if segments.is_empty() {
-            let path = dir.join(segment_name(0));
-            File::create(&path).map_err(|e| io_err(&path, "create segment", e))?;
-            fsync_dir(dir).map_err(|e| io_err(dir, "fsync", io::Error::other(e)))?;
-            segments.push(Segment {
-                base: 0,
-                len: 0,
-                path,
-            });
-        }
-        let last = segments.last().map(|s| s.path.clone()).unwrap_or_default();
-        let current = OpenOptions::new()
-            .append(true)
-            .open(&last)
-            .map_err(|e| io_err(&last, "open segment", e))?;
+        let cfg = LogConfig {
+            scope: SCOPE,
+            kind: *b"MUND",
+            extension: "undo",
+            segment_target: segment_bytes.max(1),
+            max_payload: PAYLOAD_HEAD + MAX_RECORD + 1024,
+            retire: Retire::Prefix,
+            verify_closed: false,
+            index: false,
+        };
+        let check = |seen: seglog::Visit<'_>| match seen.payload {
+            Some(p) => parse_record(seen.kind, p).map(|_| ()),
+            None => Ok(()),
+        };
+        let (log, _) =
+            Log::open_needing(dir, cfg, oldest_needed.unwrap_or(0), oldest_needed, check)
+                .map_err(|e| log_error(dir, e))?;
         Ok(UndoJournal {
             dir: dir.to_path_buf(),
-            segments,
-            current,
-            unsynced: false,
+            log,
             pins: 0,
-            segment_bytes: SEGMENT_BYTES,
         })
-    }
-
-    /// Sets the size past which a new segment begins.
-    pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
-        self.segment_bytes = bytes.max(1);
-        self
     }
 
     /// The lsn the next record will get: a cut taken now is at this lsn.
     pub fn end_lsn(&self) -> u64 {
-        self.segments.last().map_or(0, |s| s.base + s.len)
+        self.log.next_lsn()
     }
 
     /// The oldest lsn still held.
     pub fn start_lsn(&self) -> u64 {
-        self.segments.first().map_or(0, |s| s.base)
+        self.log.segments().first_lsn()
     }
 
     /// Bytes the journal holds on disk.
     pub fn size_bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.len).sum()
+        self.log.segments().bytes()
+    }
+
+    /// Bytes of the records from `lsn` on (what keeping a cut at `lsn` costs).
+    pub fn bytes_from(&self, lsn: u64) -> Result<u64, RetentionError> {
+        let mut total = 0;
+        for seg in self.log.segments().list() {
+            if seg.end_lsn <= lsn {
+                continue;
+            }
+            if seg.first_lsn >= lsn {
+                total += seg.bytes;
+            } else {
+                let pos = self
+                    .log
+                    .segments()
+                    .position(lsn)
+                    .map_err(|e| log_error(&self.dir, e))?;
+                total += seg.bytes - pos.offset;
+            }
+        }
+        Ok(total)
     }
 
     /// The journal's directory.
@@ -301,17 +285,9 @@ impl UndoJournal {
         compressor: &mut zstd::bulk::Compressor<'_>,
     ) -> Result<(), RetentionError> {
         debug_assert!(!before.is_empty() && before.len() <= MAX_RECORD);
-        if self
-            .segments
-            .last()
-            .is_some_and(|s| s.len >= self.segment_bytes)
-        {
-            self.roll()?;
-        }
-        let lsn = self.end_lsn();
         let raw_len = before.len() as u64;
         let compressed;
-        let (codec, payload): (u8, &[u8]) = if before.iter().all(|&b| b == 0) {
+        let (codec, data): (u8, &[u8]) = if before.iter().all(|&b| b == 0) {
             (CODEC_ZERO, &[])
         } else {
             compressed = compressor.compress(before).unwrap_or_default();
@@ -321,66 +297,22 @@ impl UndoJournal {
                 (CODEC_RAW, before)
             }
         };
-        let rec = encode_record(lsn, offset, raw_len, codec, payload);
-        let path = self.current_path();
-        self.current
-            .write_all(&rec)
-            .map_err(|source| RetentionError::Io {
-                path,
-                what: "append",
-                source,
-            })?;
-        if let Some(s) = self.segments.last_mut() {
-            s.len += rec.len() as u64;
-        }
-        self.unsynced = true;
-        Ok(())
+        let mut head = [0u8; PAYLOAD_HEAD];
+        head[..8].copy_from_slice(&offset.to_le_bytes());
+        head[8..].copy_from_slice(&raw_len.to_le_bytes());
+        self.log
+            .append(codec, &[&head, data])
+            .map(|_| ())
+            .map_err(|e| log_error(&self.dir, e))
     }
 
-    /// Makes every appended record durable (one fdatasync).
+    /// Makes every appended record durable (one fdatasync). A failure poisons the
+    /// journal.
     pub fn sync(&mut self) -> Result<(), RetentionError> {
-        if self.unsynced {
-            let path = self.current_path();
-            self.current
-                .sync_data()
-                .map_err(|source| RetentionError::Io {
-                    path,
-                    what: "fdatasync",
-                    source,
-                })?;
-            self.unsynced = false;
-        }
-        Ok(())
-    }
-
-    fn current_path(&self) -> PathBuf {
-        self.segments
-            .last()
-            .map(|s| s.path.clone())
-            .unwrap_or_default()
-    }
-
-    fn roll(&mut self) -> Result<(), RetentionError> {
-        self.sync()?;
-        let base = self.end_lsn();
-        let path = self.dir.join(segment_name(base));
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .map_err(|source| RetentionError::Io {
-                path: path.clone(),
-                what: "create segment",
-                source,
-            })?;
-        fsync_dir(&self.dir).map_err(|e| RetentionError::Io {
-            path: self.dir.clone(),
-            what: "fsync",
-            source: io::Error::other(e),
-        })?;
-        self.current = file;
-        self.segments.push(Segment { base, len: 0, path });
-        Ok(())
+        self.log
+            .sync()
+            .map(|_| ())
+            .map_err(|e| log_error(&self.dir, e))
     }
 
     /// Holds history while a point is being materialized: pruning waits.
@@ -399,24 +331,10 @@ impl UndoJournal {
         if self.pins > 0 {
             return Ok(0);
         }
-        let mut freed = 0;
-        while self.segments.len() > 1 && self.segments[0].base + self.segments[0].len <= lsn {
-            let s = self.segments.remove(0);
-            std::fs::remove_file(&s.path).map_err(|source| RetentionError::Io {
-                path: s.path.clone(),
-                what: "delete segment",
-                source,
-            })?;
-            freed += s.len;
-        }
-        if freed > 0 {
-            fsync_dir(&self.dir).map_err(|e| RetentionError::Io {
-                path: self.dir.clone(),
-                what: "fsync",
-                source: io::Error::other(e),
-            })?;
-        }
-        Ok(freed)
+        self.log
+            .segments()
+            .retire_below(lsn)
+            .map_err(|e| log_error(&self.dir, e))
     }
 
     /// Discards every record from `lsn` on (a committed failover: history after the
@@ -426,71 +344,39 @@ impl UndoJournal {
             return Ok(());
         }
         if lsn < self.start_lsn() {
-            return Err(RetentionError::Pruned {
-                path: self.dir.clone(),
-                lsn,
-                oldest: self.start_lsn(),
-            });
+            return Err(self.pruned(lsn));
         }
-        while self.segments.len() > 1 && self.segments.last().is_some_and(|s| s.base > lsn) {
-            if let Some(s) = self.segments.pop() {
-                std::fs::remove_file(&s.path).map_err(|source| RetentionError::Io {
-                    path: s.path.clone(),
-                    what: "delete segment",
-                    source,
-                })?;
-            }
-        }
-        let Some(last) = self.segments.last_mut() else {
-            return Ok(());
-        };
-        let keep = lsn - last.base;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&last.path)
-            .map_err(|source| RetentionError::Io {
-                path: last.path.clone(),
-                what: "open segment",
-                source,
-            })?;
-        file.set_len(keep)
-            .and_then(|()| file.sync_all())
-            .map_err(|source| RetentionError::Io {
-                path: last.path.clone(),
-                what: "truncate",
-                source,
-            })?;
-        last.len = keep;
-        self.current = file;
-        self.unsynced = false;
-        fsync_dir(&self.dir).map_err(|e| RetentionError::Io {
+        self.log
+            .truncate_from(lsn)
+            .map_err(|e| log_error(&self.dir, e))
+    }
+
+    fn pruned(&self, lsn: u64) -> RetentionError {
+        RetentionError::Pruned {
             path: self.dir.clone(),
-            what: "fsync",
-            source: io::Error::other(e),
-        })
+            lsn,
+            oldest: self.start_lsn(),
+        }
     }
 
     /// A reader over the records in `[from, end_lsn())`, for writing history back
     /// without holding the journal. Records appended later are not seen.
     pub fn history(&self, from: u64) -> Result<History, RetentionError> {
         if from < self.start_lsn() {
-            return Err(RetentionError::Pruned {
-                path: self.dir.clone(),
-                lsn: from,
-                oldest: self.start_lsn(),
-            });
+            return Err(self.pruned(from));
         }
-        let end = self.end_lsn();
-        let segments = self
-            .segments
-            .iter()
-            .filter(|s| s.base + s.len > from)
-            .cloned()
-            .collect();
+        let segments = self.log.segments();
         Ok(History {
-            segments,
+            dir: self.dir.clone(),
+            infos: segments
+                .list()
+                .into_iter()
+                .filter(|s| s.end_lsn > from)
+                .collect(),
+            segments: segments.clone(),
             from,
-            end,
+            end: self.end_lsn(),
+            bytes: self.bytes_from(from)?,
         })
     }
 }
@@ -498,19 +384,22 @@ impl UndoJournal {
 /// The records of a range of a journal, to be written back newest first.
 #[derive(Debug)]
 pub struct History {
-    segments: Vec<Segment>,
+    dir: PathBuf,
+    segments: Segments,
+    infos: Vec<SegmentInfo>,
     from: u64,
     end: u64,
+    bytes: u64,
 }
 
 impl History {
     /// Bytes of journal this history spans.
     pub fn bytes(&self) -> u64 {
-        self.end.saturating_sub(self.from)
+        self.bytes
     }
 
     /// Writes every record back into `target`, newest first. `progress` gets the
-    /// journal bytes done so far. Each record is checked again before use.
+    /// journal bytes done so far. Each record's checksum is checked before use.
     pub fn write_back(
         &self,
         target: &mut dyn UndoTarget,
@@ -518,154 +407,60 @@ impl History {
     ) -> Result<(), RetentionError> {
         let mut done = 0u64;
         let mut raw = Vec::new();
-        let mut payload = Vec::new();
         let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| RetentionError::Io {
             path: PathBuf::new(),
             what: "start zstd",
             source: e,
         })?;
-        for seg in self.segments.iter().rev() {
-            let file = File::open(&seg.path).map_err(|source| RetentionError::Io {
-                path: seg.path.clone(),
-                what: "open segment",
-                source,
-            })?;
-            let stop = (self.end.min(seg.base + seg.len)) - seg.base;
-            let mut index = Vec::new();
-            let mut at = 0u64;
-            while at < stop {
-                let h = read_header(&file, &seg.path, at)?;
-                if seg.base + at >= self.from {
-                    index.push((at, h));
-                }
-                at += HEADER as u64 + u64::from(h.payload_len);
-            }
-            for (at, h) in index.into_iter().rev() {
+        for seg in self.infos.iter().rev() {
+            let positions = self
+                .segments
+                .walk(seg.first_lsn)
+                .map_err(|e| log_error(&self.dir, e))?;
+            for pos in positions
+                .into_iter()
+                .rev()
+                .filter(|p| p.lsn >= self.from && p.lsn < self.end)
+            {
+                let rec = self
+                    .segments
+                    .read(pos)
+                    .map_err(|e| log_error(&self.dir, e))?;
                 let corrupt = |reason: String| RetentionError::Corrupt {
                     path: seg.path.clone(),
-                    at,
+                    at: pos.offset,
                     reason,
                 };
-                payload.resize(h.payload_len as usize, 0);
-                file.read_exact_at(&mut payload, at + HEADER as u64)
-                    .map_err(|e| corrupt(format!("read payload: {e}")))?;
-                let mut hb = [0u8; HEADER];
-                file.read_exact_at(&mut hb, at)
-                    .map_err(|e| corrupt(format!("read header: {e}")))?;
-                if checksum(&hb, &payload) != h.crc {
-                    return Err(corrupt("checksum mismatch".into()));
-                }
-                let raw_len = usize::try_from(h.raw_len).unwrap_or(MAX_RECORD);
+                let (codec, offset, raw_len, data) =
+                    parse_record(rec.kind, &rec.payload).map_err(corrupt)?;
                 let io = |source| RetentionError::Io {
                     path: PathBuf::from("<target>"),
                     what: "write back",
                     source,
                 };
-                match h.codec {
-                    CODEC_ZERO => target.zero(h.offset, h.raw_len).map_err(io)?,
-                    CODEC_RAW => target.write(h.offset, &payload).map_err(io)?,
+                match codec {
+                    CODEC_ZERO => target.zero(offset, raw_len).map_err(io)?,
+                    CODEC_RAW => target.write(offset, data).map_err(io)?,
                     _ => {
+                        let raw_len = usize::try_from(raw_len).unwrap_or(MAX_RECORD);
                         raw.resize(raw_len, 0);
                         let n = decompressor
-                            .decompress_to_buffer(&payload, &mut raw)
+                            .decompress_to_buffer(data, &mut raw)
                             .map_err(|e| corrupt(format!("zstd: {e}")))?;
                         if n != raw_len {
                             return Err(corrupt(format!(
                                 "zstd gave {n} bytes, the header says {raw_len}"
                             )));
                         }
-                        target.write(h.offset, &raw).map_err(io)?;
+                        target.write(offset, &raw).map_err(io)?;
                     }
                 }
-                done += HEADER as u64 + u64::from(h.payload_len);
+                done += pos.len;
                 progress(done);
             }
         }
         Ok(())
     }
-}
-
-fn read_header(file: &File, path: &Path, at: u64) -> Result<Header, RetentionError> {
-    let mut hb = [0u8; HEADER];
-    file.read_exact_at(&mut hb, at)
-        .map_err(|e| RetentionError::Corrupt {
-            path: path.to_path_buf(),
-            at,
-            reason: format!("read header: {e}"),
-        })?;
-    parse_header(&hb).map_err(|reason| RetentionError::Corrupt {
-        path: path.to_path_buf(),
-        at,
-        reason,
-    })
-}
-
-/// Checks a segment's records; returns its valid length. In the last segment a torn
-/// or damaged tail is cut off (it protects no write: a write starts only after its
-/// record is durable); anywhere else damage is an error.
-fn scan_segment(path: &Path, base: u64, last: bool) -> Result<u64, RetentionError> {
-    let io_err = |what, source| RetentionError::Io {
-        path: path.to_path_buf(),
-        what,
-        source,
-    };
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| io_err("open segment", e))?;
-    let len = file.seek(SeekFrom::End(0)).map_err(|e| io_err("seek", e))?;
-    file.seek(SeekFrom::Start(0))
-        .map_err(|e| io_err("seek", e))?;
-    let mut reader = io::BufReader::with_capacity(1 << 20, &mut file);
-    let mut at = 0u64;
-    let mut payload = Vec::new();
-    let bad: Option<String> = loop {
-        if at == len {
-            break None;
-        }
-        let mut hb = [0u8; HEADER];
-        if let Err(e) = reader.read_exact(&mut hb) {
-            break Some(format!("short header: {e}"));
-        }
-        let h = match parse_header(&hb) {
-            Ok(h) => h,
-            Err(e) => break Some(e),
-        };
-        if h.lsn != base + at {
-            break Some(format!("lsn {} where {} was due", h.lsn, base + at));
-        }
-        if last {
-            payload.resize(h.payload_len as usize, 0);
-            if let Err(e) = reader.read_exact(&mut payload) {
-                break Some(format!("short payload: {e}"));
-            }
-            if checksum(&hb, &payload) != h.crc {
-                break Some("checksum mismatch".into());
-            }
-        } else if let Err(e) = reader.seek_relative(i64::from(h.payload_len)) {
-            break Some(format!("seek: {e}"));
-        }
-        let next = at + HEADER as u64 + u64::from(h.payload_len);
-        if next > len {
-            break Some("record runs past the end of the segment".into());
-        }
-        at = next;
-    };
-    drop(reader);
-    if let Some(reason) = bad {
-        if !last {
-            return Err(RetentionError::Corrupt {
-                path: path.to_path_buf(),
-                at,
-                reason,
-            });
-        }
-        warn!(segment = %path.display(), at, dropped = len - at, %reason, "torn tail of the retention journal dropped (it protected no write)");
-        file.set_len(at).map_err(|e| io_err("truncate", e))?;
-        file.sync_all().map_err(|e| io_err("fsync", e))?;
-    }
-    Ok(at)
 }
 
 #[cfg(test)]
@@ -707,7 +502,7 @@ mod tests {
     #[test]
     fn writing_back_from_a_cut_gives_the_bytes_at_the_cut() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut j = UndoJournal::open(dir.path()).expect("open");
+        let mut j = UndoJournal::open(dir.path(), SEGMENT_BYTES, None).expect("open");
         let mut disk = vec![0u8; 1 << 16];
         write(&mut j, &mut disk, 0, &noise(1, 8192));
         let cut1 = (j.end_lsn(), disk.clone());
@@ -726,63 +521,78 @@ mod tests {
         }
     }
 
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .expect("list")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "undo"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn rebuilt(j: &UndoJournal, disk: &[u8], lsn: u64) -> Vec<u8> {
+        let mut m = Mem(disk.to_vec());
+        j.history(lsn)
+            .expect("history")
+            .write_back(&mut m, |_| {})
+            .expect("write back");
+        m.0
+    }
+
     #[test]
     fn a_torn_tail_is_dropped_at_open_and_never_applied() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut disk = vec![0u8; 1 << 16];
-        let (cut, want) = {
-            let mut j = UndoJournal::open(dir.path()).expect("open");
+        let (cut, want, end) = {
+            let mut j = UndoJournal::open(dir.path(), SEGMENT_BYTES, None).expect("open");
             write(&mut j, &mut disk, 0, &noise(1, 4096));
             let cut = (j.end_lsn(), disk.clone());
             write(&mut j, &mut disk, 0, &noise(2, 4096));
-            cut
+            (cut.0, cut.1, j.end_lsn())
         };
         // A record whose write never happened, torn halfway.
-        let seg = dir.path().join(segment_name(0));
-        let len = std::fs::metadata(&seg).expect("meta").len();
-        let rec = encode_record(len, 8192, 4096, CODEC_RAW, &noise(9, 4096));
-        let mut f = OpenOptions::new().append(true).open(&seg).expect("open");
-        f.write_all(&rec[..rec.len() / 2]).expect("torn write");
+        let seg = segment_files(dir.path()).pop().expect("a segment");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .expect("open");
+        std::io::Write::write_all(&mut f, &noise(9, 300)).expect("torn write");
         drop(f);
-        let j = UndoJournal::open(dir.path()).expect("reopen");
-        assert_eq!(j.end_lsn(), len, "the torn record is cut off");
-        let mut m = Mem(disk.clone());
-        j.history(cut)
-            .expect("history")
-            .write_back(&mut m, |_| {})
-            .expect("back");
-        assert!(m.0 == want);
+        let j = UndoJournal::open(dir.path(), SEGMENT_BYTES, None).expect("reopen");
+        assert_eq!(j.end_lsn(), end, "the torn record is cut off");
+        assert!(rebuilt(&j, &disk, cut) == want);
         // A flipped payload bit in the last record is a torn tail too.
         drop(j);
         let mut bytes = std::fs::read(&seg).expect("read");
         let last = bytes.len() - 10;
         bytes[last] ^= 1;
         std::fs::write(&seg, &bytes).expect("write");
-        let j = UndoJournal::open(dir.path()).expect("reopen");
-        assert!(j.end_lsn() < len, "a damaged last record is dropped");
+        let j = UndoJournal::open(dir.path(), SEGMENT_BYTES, None).expect("reopen");
+        assert!(j.end_lsn() < end, "a damaged last record is dropped");
     }
 
     #[test]
     fn a_damaged_record_in_an_older_segment_fails_the_write_back() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut j = UndoJournal::open(dir.path())
-            .expect("open")
-            .with_segment_bytes(1024);
+        let mut j = UndoJournal::open(dir.path(), 1024, None).expect("open");
         // Non-zero before-images, so the first record carries a payload.
         let mut disk = noise(77, 1 << 20);
         for i in 0..4 {
             write(&mut j, &mut disk, i * 65536, &noise(i as u8 + 1, 65536));
             write(&mut j, &mut disk, i * 65536, &noise(i as u8 + 9, 65536));
         }
-        assert!(j.segments.len() >= 3, "several segments");
-        let first = j.segments[0].path.clone();
+        let files = segment_files(dir.path());
+        assert!(files.len() >= 3, "several segments");
         drop(j);
         // Flip one payload byte of the first record of a closed segment: open does not
         // read closed payloads, but giving history back checks every record it uses.
-        let mut bytes = std::fs::read(&first).expect("read");
-        bytes[HEADER + 10] ^= 0x20;
-        std::fs::write(&first, &bytes).expect("write");
-        let j = UndoJournal::open(dir.path()).expect("reopen");
+        let mut bytes = std::fs::read(&files[0]).expect("read");
+        let at = (seglog::SEGMENT_HEADER + seglog::RECORD_HEADER) as usize + PAYLOAD_HEAD + 10;
+        bytes[at] ^= 0x20;
+        std::fs::write(&files[0], &bytes).expect("write");
+        let j = UndoJournal::open(dir.path(), 1024, None).expect("reopen");
         let mut m = Mem(disk.clone());
         let err = j
             .history(0)
@@ -793,9 +603,90 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_append_never_costs_a_record_whose_write_happened() {
+        // Issue 8 defect 2: a short write left bytes not counted in the segment's
+        // length; the next record went after them (O_APPEND) and was synced, the
+        // replica written; a restart cut the segment at the counted length and the
+        // older point came back with newer bytes.
+        use boomerang_common::faults;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut j = UndoJournal::open(dir.path(), SEGMENT_BYTES, None).expect("open");
+        let mut disk = noise(5, 1 << 16);
+        let mut c = zstd::bulk::Compressor::new(1).expect("zstd");
+        let cut = (j.end_lsn(), disk.clone());
+        write(&mut j, &mut disk, 0, &noise(1, 8192));
+        {
+            let _rule = faults::arm_under(dir.path(), "undo.write@1=short").expect("arm");
+            let err = j
+                .append(4096, &disk[4096..12288], &mut c)
+                .expect_err("the short write fails");
+            assert!(matches!(err, RetentionError::Full { .. }), "{err}");
+            // The apply path stops here: the replica is not written.
+        }
+        write(&mut j, &mut disk, 8192, &noise(2, 8192));
+        write(&mut j, &mut disk, 100, &noise(3, 50));
+        drop(j);
+        let j = UndoJournal::open(dir.path(), SEGMENT_BYTES, None).expect("reopen");
+        assert_eq!(j.end_lsn(), 3, "three records, no gap, nothing cut");
+        assert!(
+            rebuilt(&j, &disk, cut.0) == cut.1,
+            "the point's bytes exactly"
+        );
+    }
+
+    #[test]
+    fn a_failed_fdatasync_poisons_the_journal_until_reopened() {
+        use boomerang_common::faults;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut j = UndoJournal::open(dir.path(), SEGMENT_BYTES, None).expect("open");
+        let mut c = zstd::bulk::Compressor::new(1).expect("zstd");
+        j.append(0, &noise(1, 4096), &mut c).expect("append");
+        {
+            let _rule = faults::arm_under(dir.path(), "undo.sync@1=eio").expect("arm");
+            let err = j.sync().expect_err("fdatasync fails");
+            assert!(matches!(err, RetentionError::Poisoned { .. }), "{err}");
+        }
+        // No later sync may succeed on pages Linux may have dropped.
+        assert!(matches!(j.sync(), Err(RetentionError::Poisoned { .. })));
+        assert!(matches!(
+            j.append(0, &noise(2, 4096), &mut c),
+            Err(RetentionError::Poisoned { .. })
+        ));
+        drop(j);
+        let mut j = UndoJournal::open(dir.path(), SEGMENT_BYTES, None).expect("reopen");
+        j.append(0, &noise(3, 4096), &mut c)
+            .expect("append after reopen");
+        j.sync().expect("sync after reopen");
+    }
+
+    #[test]
+    fn the_first_format_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(format!("{:020}.undo", 0)), b"BUND").expect("write");
+        let err = UndoJournal::open(dir.path(), SEGMENT_BYTES, None).expect_err("refused");
+        assert!(matches!(err, RetentionError::OldFormat { .. }), "{err}");
+        assert!(err.to_string().contains("move"), "{err}");
+    }
+
+    #[test]
+    fn journal_files_and_directory_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let jdir = dir.path().join("d0");
+        let mut j = UndoJournal::open(&jdir, SEGMENT_BYTES, None).expect("open");
+        let mut disk = noise(1, 8192);
+        write(&mut j, &mut disk, 0, &noise(2, 4096));
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&jdir), 0o700);
+        for f in segment_files(&jdir) {
+            assert_eq!(mode(&f), 0o600);
+        }
+    }
+
+    #[test]
     fn segments_roll_prune_and_truncate() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut j = UndoJournal::open(dir.path()).expect("open");
+        let mut j = UndoJournal::open(dir.path(), SEGMENT_BYTES, None).expect("open");
         let mut c = zstd::bulk::Compressor::new(1).expect("zstd");
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let big: Vec<u8> = (0..MAX_RECORD)
@@ -815,19 +706,22 @@ mod tests {
             j.append(i * 4096, &rec, &mut c).expect("append");
         }
         j.sync().expect("sync");
-        assert!(j.segments.len() >= 2, "rolled into a second segment");
+        assert!(
+            segment_files(dir.path()).len() >= 2,
+            "rolled into a second segment"
+        );
         let before = j.size_bytes();
         let freed = j.prune_below(cuts[19]).expect("prune");
         assert!(freed > 0 && j.size_bytes() == before - freed);
         assert!(j.history(cuts[0]).is_err(), "pruned history is refused");
         let end = j.end_lsn();
         drop(j);
-        let mut j = UndoJournal::open(dir.path()).expect("reopen");
+        let mut j = UndoJournal::open(dir.path(), SEGMENT_BYTES, None).expect("reopen");
         assert_eq!(j.end_lsn(), end);
         j.truncate_from(cuts[19]).expect("truncate");
         assert_eq!(j.end_lsn(), cuts[19]);
         drop(j);
-        let j = UndoJournal::open(dir.path()).expect("reopen");
+        let j = UndoJournal::open(dir.path(), SEGMENT_BYTES, None).expect("reopen");
         assert_eq!(j.end_lsn(), cuts[19], "truncation is durable");
     }
 }
