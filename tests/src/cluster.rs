@@ -36,6 +36,15 @@ pub struct ClusterConfig {
     pub ps_extra: Vec<OsString>,
     /// Certificates to issue besides agent1/ps1/mt1: `(name, role)`.
     pub extra_peers: Vec<(String, String)>,
+    /// `--state-dir` of the master target, when not `<root>/mt-state` (e.g. on a small
+    /// loop file system or a power-cut mount).
+    pub mt_state_dir: Option<PathBuf>,
+    /// `--spool-dir` of the process server, when not `<root>/ps-spool`.
+    pub ps_spool_dir: Option<PathBuf>,
+    /// Environment of the master target (e.g. `BOOMERANG_FAULTS`).
+    pub mt_env: Vec<(String, String)>,
+    /// Environment of the process server.
+    pub ps_env: Vec<(String, String)>,
 }
 
 /// A running master target (`mt1`) and process server (`ps1`) with an enrolled
@@ -46,6 +55,8 @@ pub struct Cluster {
     ps: Daemon,
     mt: Daemon,
     pki: TestPki,
+    mt_state_dir: PathBuf,
+    ps_spool_dir: PathBuf,
     root: TempDir,
 }
 
@@ -58,36 +69,49 @@ impl Cluster {
             pki.issue(name, role);
         }
         let any_port: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+        let mt_state_dir = config
+            .mt_state_dir
+            .clone()
+            .unwrap_or_else(|| root.path().join("mt-state"));
+        let ps_spool_dir = config
+            .ps_spool_dir
+            .clone()
+            .unwrap_or_else(|| root.path().join("ps-spool"));
         let mt_args = MtRunArgs {
             listen: any_port,
             pki_dir: pki.dir().to_path_buf(),
             name: MT_NAME.to_string(),
-            state_dir: root.path().join("mt-state"),
+            state_dir: mt_state_dir.clone(),
             replicas: config.replicas.clone(),
             extra: config.mt_extra.clone(),
         };
-        let mt = Daemon::start(daemon_spec(
-            root.path(),
-            "mt",
-            cli::MT_BIN,
-            mt_args.to_args(),
-        ));
+        let mut mt_spec = daemon_spec(root.path(), "mt", cli::MT_BIN, mt_args.to_args());
+        for (k, v) in &config.mt_env {
+            mt_spec = mt_spec.env(k, v);
+        }
+        let mt = Daemon::start(mt_spec);
         let ps_args = PsRunArgs {
             listen: any_port,
             pki_dir: pki.dir().to_path_buf(),
             name: PS_NAME.to_string(),
-            spool_dir: root.path().join("ps-spool"),
+            spool_dir: ps_spool_dir.clone(),
             master_target: mt.addr(),
             spool_max_mib: config.spool_max_mib,
             extra: config.ps_extra.clone(),
         };
-        let ps = Daemon::start(daemon_spec(
-            root.path(),
-            "ps",
-            cli::PS_BIN,
-            ps_args.to_args(),
-        ));
-        Cluster { ps, mt, pki, root }
+        let mut ps_spec = daemon_spec(root.path(), "ps", cli::PS_BIN, ps_args.to_args());
+        for (k, v) in &config.ps_env {
+            ps_spec = ps_spec.env(k, v);
+        }
+        let ps = Daemon::start(ps_spec);
+        Cluster {
+            ps,
+            mt,
+            pki,
+            mt_state_dir,
+            ps_spool_dir,
+            root,
+        }
     }
 
     /// The scratch directory, for the test's own files.
@@ -127,12 +151,12 @@ impl Cluster {
 
     /// The master target's `--state-dir`.
     pub fn mt_state_dir(&self) -> PathBuf {
-        self.root().join("mt-state")
+        self.mt_state_dir.clone()
     }
 
     /// The process server's `--spool-dir`.
     pub fn ps_spool_dir(&self) -> PathBuf {
-        self.root().join("ps-spool")
+        self.ps_spool_dir.clone()
     }
 
     /// Restarts the master target on the same address and state (SIGKILLing it first
@@ -146,9 +170,27 @@ impl Cluster {
     /// Restarts the process server on the same address and spool, like
     /// [`Cluster::restart_mt`].
     pub fn restart_ps(&mut self) {
-        self.ps.kill9();
-        let spec = rebind(self.ps.spec(), self.ps.addr());
+        self.restart_ps_with(|spec| spec);
+    }
+
+    /// Restarts the process server like [`Cluster::restart_ps`], with its spec changed
+    /// by `change` (e.g. another `BOOMERANG_FAULTS`, or `""` for none). Also for a
+    /// process server that already exited.
+    pub fn restart_ps_with(&mut self, change: impl FnOnce(DaemonSpec) -> DaemonSpec) {
+        if self.ps.is_running() {
+            self.ps.kill9();
+        }
+        let spec = change(rebind(self.ps.spec(), self.ps.addr()));
         self.ps = Daemon::start(spec);
+    }
+
+    /// [`Cluster::restart_ps_with`] for the master target.
+    pub fn restart_mt_with(&mut self, change: impl FnOnce(DaemonSpec) -> DaemonSpec) {
+        if self.mt.is_running() {
+            self.mt.kill9();
+        }
+        let spec = change(rebind(self.mt.spec(), self.mt.addr()));
+        self.mt = Daemon::start(spec);
     }
 
     /// Sync arguments for agent `name` (enrolled in the PKI) against this process

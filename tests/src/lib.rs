@@ -15,6 +15,9 @@
 //! - [`loopdev`]: loop devices, ext4, mounts and fsfreeze, each a guard that undoes
 //!   itself on drop (also while a test panics).
 //! - [`tree`]: writing and hashing directory trees on a mounted filesystem.
+//! - [`powercut`]: a FUSE passthrough that holds unsynced writes and directory
+//!   changes back, so a test can cut the power ([`PowerCutFs`]) and restart a daemon
+//!   on only what its fsyncs made durable.
 //! - [`site_link`]: a counting UDP relay standing for the link between two sites
 //!   ([`SiteLink`]): bytes on the wire, measured outside the binaries.
 //! - [`tracefs`]: whether the trace source can work here, and sweeping the trace
@@ -31,6 +34,7 @@ pub mod cluster;
 pub mod disk;
 pub mod loopdev;
 pub mod pki;
+pub mod powercut;
 pub mod privileged;
 pub mod process;
 pub mod rng;
@@ -45,6 +49,7 @@ pub use disk::{
 };
 pub use loopdev::{e2fsck_clean, mkfs_ext4, FreezeGuard, LoopDevice, Mount};
 pub use pki::TestPki;
+pub use powercut::{require_power_cut, CutMode, PowerCutFs, PowerCutOptions};
 pub use privileged::{require_privileged, Need};
 pub use process::{bin, run, run_json, run_ok, scratch_dir, Daemon, DaemonSpec};
 pub use site_link::{LinkBytes, SiteLink};
