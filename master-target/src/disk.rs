@@ -21,7 +21,7 @@
 //! Before the first point nothing is worth keeping, so an initial sync costs no
 //! journal. While its group is failing over, a disk is paused: nothing is applied.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -270,6 +270,9 @@ pub struct Disk {
     flush_kick: Notify,
     flush_failed: AtomicBool,
     journal: Mutex<UndoJournal>,
+    /// The journal's end when the record last stored was snapshotted: every point that
+    /// record lists has its lsn at or below it.
+    durable_lsn: AtomicU64,
     compressor: Mutex<Zstd>,
     paused: Mutex<Option<String>>,
 }
@@ -289,6 +292,7 @@ impl Disk {
     ) -> Arc<Self> {
         let record = state.get().clone();
         let position = record.position;
+        let durable_lsn = AtomicU64::new(journal.end_lsn());
         let disk = Arc::new(Disk {
             id: record.disk.clone(),
             replica: Mutex::new(replica),
@@ -302,6 +306,7 @@ impl Disk {
             flush_kick: Notify::new(),
             flush_failed: AtomicBool::new(false),
             journal: Mutex::new(journal),
+            durable_lsn,
             compressor: Mutex::new(Zstd(None)),
             paused: Mutex::new(None),
         });
@@ -381,6 +386,8 @@ impl Disk {
             change(&mut rec);
             rec.clone()
         };
+        // Nothing appends to the journal while the apply lock is held.
+        let lsn = self.journal_end();
         let position = record.position;
         lock(&self.state)
             .store(record)
@@ -389,6 +396,7 @@ impl Disk {
                 what: "store disk record",
                 source: std::io::Error::other(e),
             })?;
+        self.durable_lsn.store(lsn, Ordering::SeqCst);
         // A new position (a stream restarted after a roll back) holds for the apply
         // path and for what the process server is told from now on.
         if *self.applied.borrow() != position {
@@ -411,8 +419,27 @@ impl Disk {
             .map_err(|source| self.retention_error(source))
     }
 
-    /// Deletes journal segments older than `lsn`; returns bytes freed.
+    /// The oldest lsn whose history must be kept: the lowest lsn of the points in
+    /// the record in memory *and* in the durable one (a point applied but not yet
+    /// flushed, or dropped in memory but still listed on disk, keeps its history),
+    /// and, with no point at all, no more than the journal's end as of the durable
+    /// record. Points applied from now on get an lsn at or above this floor.
+    pub fn history_floor(&self) -> u64 {
+        // Read first: every point applied after this read has its lsn at or above it.
+        let end = self.journal_end();
+        let durable = self.durable_lsn.load(Ordering::SeqCst);
+        let in_memory = lock(&self.record).points.iter().map(|c| c.lsn).min();
+        let stored = lock(&self.state).get().points.iter().map(|c| c.lsn).min();
+        [in_memory, stored]
+            .into_iter()
+            .flatten()
+            .fold(end.min(durable), u64::min)
+    }
+
+    /// Deletes journal segments older than `lsn`, never past [`Disk::history_floor`];
+    /// returns bytes freed.
     pub fn prune_journal_below(&self, lsn: u64) -> Result<u64, ApplyError> {
+        let lsn = lsn.min(self.history_floor());
         lock(&self.journal)
             .prune_below(lsn)
             .map_err(|source| self.retention_error(source))
@@ -702,9 +729,13 @@ async fn flusher(disk: Arc<Disk>) {
             // Operator updates of the record wait for this whole flush.
             let _flush = disk.flush_lock.lock().await;
             // Snapshot under the apply lock so position and record agree.
-            let (target, record) = {
+            let (target, record, lsn) = {
                 let _g = disk.apply_lock.lock().await;
-                (*disk.applied.borrow(), lock(&disk.record).clone())
+                (
+                    *disk.applied.borrow(),
+                    lock(&disk.record).clone(),
+                    disk.journal_end(),
+                )
             };
             let d = disk.clone();
             let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
@@ -718,6 +749,7 @@ async fn flusher(disk: Arc<Disk>) {
             .await;
             match result {
                 Ok(Ok(())) => {
+                    disk.durable_lsn.store(lsn, Ordering::SeqCst);
                     disk.durable.send_replace(target);
                 }
                 Ok(Err(e)) => {

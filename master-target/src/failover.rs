@@ -17,7 +17,7 @@ use boomerang_common::config::now_ms;
 use boomerang_common::message::TagKind;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::disk::{Cut, Disk, Position};
 use crate::disks::Disks;
@@ -175,7 +175,7 @@ impl Site {
         ev: &Events,
     ) -> anyhow::Result<PointResult> {
         let _one = self.groups.action_lock.lock().await;
-        let rec = self.groups.record(group);
+        let rec = self.groups.record(group)?;
         match rec.state {
             GroupState::Protected => {}
             GroupState::FailoverPending => match &rec.failover {
@@ -230,7 +230,7 @@ impl Site {
     /// Runs (or runs again) the recorded failover of `group` until every disk holds
     /// the point.
     pub async fn finish_failover(&self, group: &str, ev: &Events) -> anyhow::Result<PointResult> {
-        let rec = self.groups.record(group);
+        let rec = self.groups.record(group)?;
         let f = rec
             .failover
             .clone()
@@ -421,7 +421,7 @@ impl Site {
     /// a new generation (only differing chunks move).
     pub async fn cancel(&self, group: &str, ev: &Events) -> anyhow::Result<()> {
         let _one = self.groups.action_lock.lock().await;
-        let rec = self.groups.record(group);
+        let rec = self.groups.record(group)?;
         if rec.state != GroupState::FailoverPending {
             bail!(
                 "group {group} has no failover pending (it is {})",
@@ -450,7 +450,7 @@ impl Site {
         ev: &Events,
     ) -> anyhow::Result<PointResult> {
         let _one = self.groups.action_lock.lock().await;
-        let rec = self.groups.record(group);
+        let rec = self.groups.record(group)?;
         if matches!(rec.state, GroupState::FailedBack | GroupState::Reprotecting) {
             bail!("group {group} failed back here: its disks are live and it has no recovery points (they were discarded at commit)");
         }
@@ -531,7 +531,7 @@ impl Site {
     /// `test-failover --cleanup`: removes the image files test failovers created.
     pub async fn test_cleanup(&self, group: &str, ev: &Events) -> anyhow::Result<()> {
         let _one = self.groups.action_lock.lock().await;
-        let rec = self.groups.record(group);
+        let rec = self.groups.record(group)?;
         for t in &rec.test_targets {
             if t.created && t.path.is_file() {
                 std::fs::remove_file(&t.path)
@@ -556,7 +556,7 @@ impl Site {
     /// point is dropped; the old source is told to stop and forget the group.
     pub async fn commit(&self, group: &str, ev: &Events) -> anyhow::Result<()> {
         let _one = self.groups.action_lock.lock().await;
-        let rec = self.groups.record(group);
+        let rec = self.groups.record(group)?;
         let f = match (&rec.state, &rec.failover) {
             (GroupState::FailoverPending, Some(f)) if f.done => f.clone(),
             (GroupState::FailoverPending, _) => bail!("group {group}: the failover has not finished; run the failover again to finish it, or cancel it"),
@@ -619,7 +619,7 @@ impl Site {
         ev: &Events,
     ) -> anyhow::Result<Vec<PathBuf>> {
         let _one = self.groups.action_lock.lock().await;
-        let rec = self.groups.record(group);
+        let rec = self.groups.record(group)?;
         if !matches!(rec.state, GroupState::FailedBack | GroupState::Reprotecting) {
             bail!(
                 "group {group} is {}: only a committed failover can be reprotected",
@@ -660,7 +660,8 @@ impl Site {
                 ));
             }
             let path = dir.join(format!("{group}-{agent}.toml"));
-            boomerang_common::durable::write_atomic(&path, cfg.as_bytes(), 0o644)
+            // Private: it names the disks and the process server of a protected site.
+            boomerang_common::durable::write_atomic(&path, cfg.as_bytes(), 0o600)
                 .map_err(|e| anyhow!("write {}: {e}", path.display()))?;
             say(
                 ev,
@@ -689,7 +690,7 @@ impl Site {
     /// here, so only differing chunks move.
     pub async fn protect(&self, group: &str, ev: &Events) -> anyhow::Result<()> {
         let _one = self.groups.action_lock.lock().await;
-        let rec = self.groups.record(group);
+        let rec = self.groups.record(group)?;
         if !matches!(rec.state, GroupState::FailedBack | GroupState::Reprotecting) {
             bail!(
                 "group {group} is {}: it is protected already or failing over",
@@ -715,7 +716,18 @@ impl Site {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move { while rx.recv().await.is_some() {} });
         for g in self.groups() {
-            let rec = self.groups.record(&g);
+            let rec = match self.groups.record(&g) {
+                Ok(rec) => rec,
+                Err(e) => {
+                    // Whatever the group was, it may have failed back: refused, paused.
+                    let reason = e.to_string();
+                    error!(group = %g, error = %reason, "group refused: its record cannot be read");
+                    for d in self.group_disks(&g).unwrap_or_default() {
+                        d.set_paused(Some(reason.clone())).await;
+                    }
+                    continue;
+                }
+            };
             let reason = match rec.state {
                 GroupState::Protected => continue,
                 GroupState::FailoverPending => format!("group {g} is failed over: replication waits for `boomerang-mt commit` or `failover --cancel`"),
@@ -782,5 +794,117 @@ pub fn state_name(state: GroupState) -> &'static str {
         GroupState::FailoverPending => "failover pending",
         GroupState::FailedBack => "failed back",
         GroupState::Reprotecting => "reprotecting",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disks::Disks;
+    use crate::groups::group_path;
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+
+    fn site(dir: &Path) -> Site {
+        let state = dir.join("state");
+        let disks =
+            Disks::open(&state, &dir.join("retention"), 1 << 20, BTreeMap::new()).expect("disks");
+        disks.open_disk("d0", 1 << 20, "g").expect("disk");
+        Site {
+            disks: Arc::new(disks),
+            groups: Arc::new(Groups::open(&state).expect("groups")),
+            drain_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn events() -> Events {
+        tokio::sync::mpsc::unbounded_channel().0
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_record_of_a_failed_back_group_keeps_the_group_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let site = site(dir.path());
+        site.groups
+            .update("g", |r| r.state = GroupState::FailedBack)
+            .expect("store the record");
+        let path = group_path(&dir.path().join("state"), "g");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open the record");
+        for slot in 0..2u64 {
+            f.write_all_at(
+                b"garbage",
+                slot * boomerang_common::durable::SLOT_LEN as u64 + 30,
+            )
+            .expect("tear a slot");
+        }
+        drop(f);
+        let file = path.display().to_string();
+
+        // What a restart does: the disks of a group that is not protected are paused.
+        site.resume().await;
+        let d = site.disks.get("d0").expect("disk");
+        let reason = d
+            .paused()
+            .expect("a group whose record cannot be read is not protected: its disks stay paused");
+        assert!(reason.contains(&file), "{reason}");
+
+        // Status says so, and why.
+        let status =
+            crate::status::collect_groups(&dir.path().join("state"), &dir.path().join("retention"))
+                .expect("status");
+        let g = status.iter().find(|g| g.group == "g").expect("group g");
+        assert_eq!(g.state, "refused");
+        assert!(
+            g.last_error.as_deref().is_some_and(|e| e.contains(&file)),
+            "{:?}",
+            g.last_error
+        );
+
+        // An agent that checks in is told why, not to go on.
+        let e = site
+            .groups
+            .check_in("g", "a", vec!["d0".into()], false)
+            .expect_err("no directive for a refused group");
+        assert!(e.to_string().contains(&file), "{e}");
+
+        // No operator action runs on a record nobody can read.
+        let ev = events();
+        let e = site.protect("g", &ev).await.expect_err("protect refused");
+        assert!(format!("{e:#}").contains(&file), "{e:#}");
+        let e = site
+            .failover("g", PointChoice::LatestProcessed, BTreeMap::new(), &ev)
+            .await
+            .expect_err("failover refused");
+        assert!(format!("{e:#}").contains(&file), "{e:#}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reprotect_writes_agent_configurations_private() {
+        // SAFETY: umask only changes the process's file creation mask; a permissive
+        // one makes the test show what the code asks for, not what the mask allows.
+        unsafe { libc::umask(0o022) };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let site = site(dir.path());
+        site.groups
+            .update("g", |r| r.state = GroupState::FailedBack)
+            .expect("store the record");
+        let paths = site
+            .reprotect("g", "127.0.0.1:7600", "a", &events())
+            .await
+            .expect("reprotect");
+        assert!(!paths.is_empty());
+        for p in &paths {
+            let mode = std::fs::metadata(p).expect("config").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
+        let reprotect_dir = dir.path().join("state").join("reprotect");
+        let mode = std::fs::metadata(&reprotect_dir)
+            .expect("dir")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700);
     }
 }

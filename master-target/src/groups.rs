@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use boomerang_common::config::now_ms;
-use boomerang_common::durable::{create_dir_durable, StateFile};
+use boomerang_common::durable::{create_dir_durable, DurableError, StateFile};
 use boomerang_common::message::{Action, TagKind};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -131,15 +131,53 @@ pub fn validate_group(group: &str) -> Result<(), String> {
     })
 }
 
-/// Loads a group's record, or the record of a group never acted on (protected).
-pub fn load_group(state_dir: &Path, group: &str) -> GroupRecord {
+/// A group's record exists but cannot be read: damaged, or the file system refuses it.
+/// The group is then *refused*: it may have failed back here (its disks live), so it is
+/// treated as not protected: its disks stay paused, no operator action runs on it and
+/// agents that check in for it are answered this error.
+#[derive(Debug, thiserror::Error)]
+#[error("group {group} is refused: its record {} {}; its disks stay paused and no action runs on it. Restore the file from a backup and restart boomerang-mt; remove it only if the group's disks here are replicas, not live disks (a group without a record is protected: replication into its disks resumes at the next start)", .path.display(), why(.cause))]
+pub struct GroupRecordError {
+    /// Group.
+    pub group: String,
+    /// The record's file.
+    pub path: PathBuf,
+    /// Why it cannot be read (worded in the message, not chained: its own advice
+    /// does not fit a group record).
+    pub cause: DurableError,
+}
+
+fn why(cause: &DurableError) -> String {
+    match cause {
+        DurableError::Damaged { .. } => {
+            "is damaged (neither of its two slots passes its checksum)".to_string()
+        }
+        DurableError::Io { step, source, .. } => format!("cannot be read ({step}: {source})"),
+        DurableError::Format { reason, .. } => format!("does not decode ({reason})"),
+        other => format!("cannot be read ({other})"),
+    }
+}
+
+/// Loads a group's record; a group never acted on has none and is protected. A record
+/// that exists but cannot be read is an error, never a fresh protected record: a
+/// damaged record of a failed-back group must not let its old source write the disks
+/// that are live here now.
+pub fn load_group(state_dir: &Path, group: &str) -> Result<GroupRecord, GroupRecordError> {
     if validate_group(group).is_err() {
-        return GroupRecord::new(group);
+        // No file can carry this name, so no action ever stored a record for it.
+        return Ok(GroupRecord::new(group));
     }
     let path = group_path(state_dir, group);
     match StateFile::<GroupRecord>::open(&path) {
-        Ok(st) => st.get().clone(),
-        Err(_) => GroupRecord::new(group),
+        Ok(st) => Ok(st.get().clone()),
+        Err(DurableError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(GroupRecord::new(group))
+        }
+        Err(cause) => Err(GroupRecordError {
+            group: group.to_string(),
+            path,
+            cause,
+        }),
     }
 }
 
@@ -196,8 +234,9 @@ impl Groups {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The group's durable record.
-    pub fn record(&self, group: &str) -> GroupRecord {
+    /// The group's durable record; an error when it exists but cannot be read (the
+    /// group is refused, see [`GroupRecordError`]).
+    pub fn record(&self, group: &str) -> Result<GroupRecord, GroupRecordError> {
         load_group(&self.state_dir, group)
     }
 
@@ -218,15 +257,17 @@ impl Groups {
         Ok(rec)
     }
 
-    /// An agent's check-in: remembers it and answers what the group wants of it.
+    /// An agent's check-in: remembers it and answers what the group wants of it; an
+    /// error (for the agent, which keeps its data and checks in again) when the
+    /// group's record cannot be read.
     pub fn check_in(
         &self,
         group: &str,
         agent: &str,
         disks: Vec<String>,
         shut_down: bool,
-    ) -> Action {
-        let state = self.record(group).state;
+    ) -> Result<Action, GroupRecordError> {
+        let state = self.record(group).map(|r| r.state);
         let mut live = self.live();
         let g = live.entry(group.to_string()).or_default();
         let m = g.members.entry(agent.to_string()).or_insert(Member {
@@ -240,11 +281,11 @@ impl Groups {
             info!(group, agent, "agent shipped everything and shut down");
         }
         m.shut_down |= shut_down;
-        match state {
+        Ok(match state? {
             GroupState::FailedBack | GroupState::Reprotecting => Action::Forget,
             _ if g.shutdown_requested_ms.is_some() => Action::ShutDown,
             _ => Action::Continue,
-        }
+        })
     }
 
     /// Remembers the agents of `group` that checked in (their disks) in its record.
@@ -414,20 +455,20 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let g = Groups::open(dir.path())?;
         assert_eq!(
-            g.check_in("g", "a", vec!["d".into()], false),
+            g.check_in("g", "a", vec!["d".into()], false)?,
             Action::Continue
         );
         g.request_shutdown("g", true);
         assert_eq!(
-            g.check_in("g", "a", vec!["d".into()], false),
+            g.check_in("g", "a", vec!["d".into()], false)?,
             Action::ShutDown
         );
         assert!(!g.members("g")["a"].shut_down);
-        g.check_in("g", "a", vec!["d".into()], true);
+        g.check_in("g", "a", vec!["d".into()], true)?;
         assert!(g.members("g")["a"].shut_down);
         g.update("g", |r| r.state = GroupState::FailedBack)?;
-        assert_eq!(g.check_in("g", "a", vec![], false), Action::Forget);
-        assert_eq!(load_group(dir.path(), "g").state, GroupState::FailedBack);
+        assert_eq!(g.check_in("g", "a", vec![], false)?, Action::Forget);
+        assert_eq!(load_group(dir.path(), "g")?.state, GroupState::FailedBack);
         assert!(
             g.update("../etc", |_| {}).is_err(),
             "a group name never leaves the directory"

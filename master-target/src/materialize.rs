@@ -78,8 +78,9 @@ pub enum MaterializeError {
     },
 }
 
-/// Materializes `cut` of `disk` into `target` (created sparse when missing); returns
-/// the blake3 of the target's bytes, read back.
+/// Materializes `cut` of `disk` into `target` (created sparse and private when
+/// missing, with its missing directories); returns the blake3 of the target's bytes,
+/// read back.
 pub fn to_target(
     disk: &Arc<Disk>,
     cut: &Cut,
@@ -103,7 +104,8 @@ pub fn to_target(
         }
     }
     let _pin = disk.pin_history();
-    let out = FileReplica::open_or_create(target, cut.size).map_err(|e| io("open target", e))?;
+    // A target made here is private (0600, in 0700 directories); a given one keeps its mode.
+    let out = FileReplica::open_target(target, cut.size).map_err(|e| io("open target", e))?;
     let mut buf = vec![0u8; PIECE];
     let mut at = 0u64;
     while at < cut.size {
@@ -188,4 +190,79 @@ fn hash(store: &dyn Replica, size: u64, progress: Progress<'_>) -> io::Result<St
         progress("verify", at, size);
     }
     Ok(hasher.finalize().to_hex().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::verify_batch;
+    use crate::disks::Disks;
+    use boomerang_common::delta::ExtentEncoder;
+    use boomerang_common::message::{Tag, TagKind};
+    use boomerang_common::{Batch, ChunkHash};
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_target_made_here_is_private_and_a_given_one_keeps_its_mode() {
+        // SAFETY: umask only changes the process's file creation mask; a permissive
+        // one makes the test show what the code asks for, not what the mask allows.
+        unsafe { libc::umask(0o022) };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disks = Disks::open(
+            &dir.path().join("state"),
+            &dir.path().join("retention"),
+            1 << 20,
+            Default::default(),
+        )
+        .expect("disks");
+        disks.open_disk("d0", 1 << 20, "g").expect("disk");
+        let d = disks.get("d0").expect("disk");
+        let data = vec![9u8; 65536];
+        let mut enc = ExtentEncoder::new(1).expect("zstd");
+        let batch = Batch {
+            disk: "d0".into(),
+            generation: 1,
+            seq: 0,
+            extents: vec![enc.encode(0, &data, ChunkHash::of(&data))],
+        };
+        let v = verify_batch(&batch, 1 << 20).expect("verifies");
+        d.apply_batch(1, 0, v).await.expect("apply");
+        let tag = Tag {
+            disk: "d0".into(),
+            generation: 1,
+            seq: 1,
+            kind: TagKind::CrashConsistent,
+            point_id: 1,
+            time_ms: 1,
+            group: "g".into(),
+        };
+        d.apply_tag(&tag).await.expect("tag");
+        let cut = d.durable_record().points[0].clone();
+
+        let target = dir.path().join("scratch/test/d0.img");
+        to_target(&d, &cut, &target, &mut |_, _, _| {}).expect("materialize to a new file");
+        assert_eq!(mode(&target), 0o600);
+        assert_eq!(mode(&dir.path().join("scratch")), 0o700);
+        assert_eq!(mode(&dir.path().join("scratch/test")), 0o700);
+        let bytes = std::fs::read(&target).expect("read");
+        assert!(bytes[..65536].iter().all(|&b| b == 9));
+
+        let given = dir.path().join("given.img");
+        std::fs::write(&given, b"").expect("make");
+        std::fs::set_permissions(&given, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        to_target(&d, &cut, &given, &mut |_, _, _| {}).expect("materialize to a given file");
+        assert_eq!(
+            mode(&given),
+            0o644,
+            "a target the operator gave keeps its mode"
+        );
+    }
 }

@@ -2,10 +2,12 @@
 //! to each protected group, on an interval.
 //!
 //! Order (rule 4): first every disk record drops the pruned points and is stored, then
-//! the journal segments older than the oldest point still listed are deleted. A crash
-//! in between leaves segments nobody needs, deleted on the next round; never a listed
-//! point without its history. A cut a disk holds that never became a group point (the
-//! other disks did not tag it) is dropped once a newer group point exists.
+//! the journal segments older than the oldest point still held are deleted, the oldest
+//! over the record in memory and the durable one ([`crate::disk::Disk::history_floor`]:
+//! a point applied but not flushed yet is held too). A crash in between leaves segments
+//! nobody needs, deleted on the next round; never a listed point without its history.
+//! A cut a disk holds that never became a group point (the other disks did not tag it)
+//! is dropped once a newer group point exists.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -31,8 +33,14 @@ pub async fn prune_once(site: &Site, policy: &RetentionPolicy) -> anyhow::Result
     let _one = site.groups.action_lock.lock().await;
     let mut total = Pruned::default();
     for group in site.groups() {
-        if site.groups.record(&group).state != GroupState::Protected {
-            continue;
+        match site.groups.record(&group) {
+            Ok(rec) if rec.state == GroupState::Protected => {}
+            Ok(_) => continue,
+            Err(e) => {
+                // Refused: nothing is pruned until its record is readable again.
+                warn!(group = %group, error = %e, "retention skips the group");
+                continue;
+            }
         }
         let points = site.points(&group);
         let disks = site.group_disks(&group)?;
@@ -70,12 +78,9 @@ pub async fn prune_once(site: &Site, policy: &RetentionPolicy) -> anyhow::Result
                     .await?;
                 total.points += dropped;
             }
-            let oldest = d
-                .durable_record()
-                .points
-                .first()
-                .map_or_else(|| d.journal_end(), |c| c.lsn);
-            total.bytes += d.prune_journal_below(oldest)?;
+            // Over the record in memory and the durable one: a point applied but not
+            // flushed yet keeps its history too.
+            total.bytes += d.prune_journal_below(d.history_floor())?;
         }
         if !pruned.is_empty() {
             info!(group = %group, pruned = pruned.len(), kept = decision.keep.len(), "retention: points pruned");
@@ -258,6 +263,160 @@ mod tests {
         assert_eq!(
             prune_once(&rig.site, &policy).await.expect("prune"),
             Pruned::default()
+        );
+    }
+
+    /// A replica whose fdatasync waits while `hold` is set: the disk's record in
+    /// memory runs ahead of the durable one for as long as the test wants.
+    #[derive(Debug)]
+    struct HeldFlush {
+        inner: crate::replica::FileReplica,
+        hold: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl crate::replica::Replica for HeldFlush {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.inner.write_at(offset, data)
+        }
+        fn write_zeros(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.inner.write_zeros(offset, len)
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read_at(offset, buf)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            while self.hold.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            self.inner.flush()
+        }
+        fn resize(&self, size: u64) -> std::io::Result<()> {
+            self.inner.resize(size)
+        }
+    }
+
+    struct Release(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_point_applied_but_not_yet_durable_keeps_its_history() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disks = Disks::open(
+            &dir.path().join("state"),
+            &dir.path().join("retention"),
+            1 << 20,
+            Default::default(),
+        )
+        .expect("disks");
+        disks.open_disk("d0", SIZE, "g").expect("open disk");
+        let site = Site {
+            disks: Arc::new(disks),
+            groups: Arc::new(Groups::open(&dir.path().join("state")).expect("groups")),
+            drain_timeout: Duration::from_secs(1),
+        };
+        let mut rig = Rig {
+            site,
+            model: vec![0; SIZE as usize],
+            seq: 0,
+        };
+        for k in 0..4u64 {
+            rig.write(k << 20, 1 + k as u8).await;
+        }
+        let d = rig.site.disks.get("d0").expect("disk");
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        // Let the flusher go also when an assertion fails: the runtime waits for it.
+        let _release = Release(hold.clone());
+        d.swap_replica(Arc::new(HeldFlush {
+            inner: crate::replica::FileReplica::open_or_create(&d.record().replica, SIZE)
+                .expect("replica"),
+            hold: hold.clone(),
+        }));
+        // Point 1 is applied (in memory) but its flush waits, and so do the writes
+        // after it, whose before-images fill several journal segments.
+        let want = rig.model.clone();
+        let tag = Tag {
+            disk: "d0".into(),
+            generation: 1,
+            seq: rig.seq,
+            kind: TagKind::CrashConsistent,
+            point_id: 1,
+            time_ms: now_ms(),
+            group: "g".into(),
+        };
+        let mut waiting = Vec::new();
+        {
+            let d = d.clone();
+            waiting.push(tokio::spawn(
+                async move { d.apply_tag(&tag).await.map(|_| ()) },
+            ));
+        }
+        for k in 0..3u64 {
+            let seq = rig.seq + 1 + k;
+            let mut x = 0x2545_f491_4f6c_dd1du64 ^ k;
+            let data: Vec<u8> = (0..1 << 20)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()[5]
+                })
+                .collect();
+            let mut enc = ExtentEncoder::new(1).expect("zstd");
+            let batch = Batch {
+                disk: "d0".into(),
+                generation: 1,
+                seq,
+                extents: vec![enc.encode(k << 20, &data, ChunkHash::of(&data))],
+            };
+            let v = verify_batch(&batch, SIZE).expect("verifies");
+            let d = d.clone();
+            waiting.push(tokio::spawn(async move {
+                d.apply_batch(1, seq, v).await.map(|_| ())
+            }));
+        }
+        let applied = rig.seq + 4;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while d.record().position.next_seq < applied {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writes were not applied"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            d.durable_record().points.is_empty(),
+            "point 1 is not durable yet"
+        );
+        assert!(
+            d.journal_bytes() > 2 << 20,
+            "the writes after point 1 were journaled"
+        );
+
+        let pruned = prune_once(&rig.site, &RetentionPolicy::default())
+            .await
+            .expect("prune");
+        assert_eq!(pruned.bytes, 0, "the history of point 1 must stay");
+
+        hold.store(false, Ordering::SeqCst);
+        for w in waiting {
+            w.await.expect("join").expect("applied and durable");
+        }
+        let cut = d.durable_record().points[0].clone();
+        let target = dir.path().join("p1.img");
+        crate::materialize::to_target(&d, &cut, &target, &mut |_, _, _| {})
+            .expect("point 1 materializes");
+        assert!(
+            std::fs::read(&target).expect("read") == want,
+            "point 1 gives back its exact bytes"
         );
     }
 }

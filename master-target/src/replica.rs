@@ -1,12 +1,24 @@
 //! Replica storage: the trait the apply path writes through, and its file/block-device
 //! implementation. Tests and later the retention journal can slot in other stores.
+//!
+//! Every write, sync, truncate and create of a [`FileReplica`] goes through
+//! [`boomerang_common::storage`], whose sites are named `replica.<op>` for replicas
+//! and `target.<op>` for the targets points are materialized into, so tests can make
+//! them fail. What this module creates is private to its owner (files 0600,
+//! directories 0700): it holds a protected machine's disk. A file or block device that
+//! exists already (one the operator gave) keeps its mode.
 
-use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use boomerang_common::storage;
+
+/// Fault-injection scope of replicas.
+pub const REPLICA_SCOPE: &str = "replica";
+/// Fault-injection scope of the targets points are materialized into.
+pub const TARGET_SCOPE: &str = "target";
 
 /// Where a replica's bytes live.
 pub trait Replica: Send + Sync + std::fmt::Debug {
@@ -29,7 +41,7 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct FileReplica {
     path: PathBuf,
-    file: File,
+    file: storage::File,
     size: AtomicU64,
     /// Bytes the block device holds (unused for image files).
     capacity: u64,
@@ -37,18 +49,36 @@ pub struct FileReplica {
 }
 
 impl FileReplica {
-    /// Opens `path`, creating a sparse image of `size` bytes when it does not exist.
-    /// A block device must be at least `size` bytes; an image file is grown to `size`.
+    /// Opens `path` as a disk's replica, creating a sparse image of `size` bytes (and
+    /// its missing directories) when it does not exist. A block device must be at
+    /// least `size` bytes; an image file is grown to `size`.
     pub fn open_or_create(path: &Path, size: u64) -> io::Result<Self> {
-        let existed = path.exists();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(!existed)
-            .truncate(false)
-            .open(path)?;
-        let block_device = file.metadata()?.file_type().is_block_device();
-        let mut actual = file.seek(SeekFrom::End(0))?;
+        Self::open_in(REPLICA_SCOPE, path, size)
+    }
+
+    /// Opens `path` as the target a point is materialized into, like
+    /// [`FileReplica::open_or_create`].
+    pub fn open_target(path: &Path, size: u64) -> io::Result<Self> {
+        Self::open_in(TARGET_SCOPE, path, size)
+    }
+
+    fn open_in(scope: &'static str, path: &Path, size: u64) -> io::Result<Self> {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !path.exists() {
+            storage::create_dir_all(scope, &dir).map_err(|e| {
+                io::Error::new(e.kind(), format!("create directory {}: {e}", dir.display()))
+            })?;
+        }
+        let (file, created) = storage::File::open_or_create(scope, path, storage::FILE_MODE)?;
+        let block_device = file.std().metadata()?.file_type().is_block_device();
+        // The length of a block device is only seen by seeking to its end.
+        let mut actual = {
+            let mut f = file.std();
+            f.seek(SeekFrom::End(0))?
+        };
         if block_device {
             if actual < size {
                 return Err(io::Error::new(
@@ -61,13 +91,13 @@ impl FileReplica {
             }
         } else if actual != size {
             file.set_len(size)?;
+            // The length must survive a crash before any record relies on it.
             file.sync_all()?;
             actual = size;
-            if !existed {
-                if let Some(dir) = path.parent() {
-                    boomerang_common::durable::fsync_dir(dir).map_err(io::Error::other)?;
-                }
-            }
+        }
+        if created {
+            // So must the new name.
+            storage::fsync_dir(scope, &dir)?;
         }
         Ok(FileReplica {
             path: path.to_path_buf(),
@@ -121,21 +151,8 @@ impl Replica for FileReplica {
     }
 
     fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {
-        if !self.block_device {
-            let off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
-            let l = libc::off_t::try_from(len).map_err(io::Error::other)?;
-            // SAFETY: plain syscall on an fd we own; no pointers involved.
-            let rc = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off,
-                    l,
-                )
-            };
-            if rc == 0 {
-                return Ok(());
-            }
+        if !self.block_device && self.file.punch_hole(offset, len)? {
+            return Ok(());
         }
         let mut done = 0u64;
         while done < len {
@@ -147,18 +164,8 @@ impl Replica for FileReplica {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    return Ok(());
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let n = self.file.read_at_most(buf, offset)?;
+        buf[n..].fill(0);
         Ok(())
     }
 
@@ -183,6 +190,35 @@ mod tests {
         assert!(buf[..4096].iter().all(|&b| b == 7));
         assert!(buf[4096..8192].iter().all(|&b| b == 0));
         assert!(buf[8192..].iter().all(|&b| b == 0));
+        Ok(())
+    }
+
+    fn mode(path: &Path) -> io::Result<u32> {
+        use std::os::unix::fs::PermissionsExt;
+        Ok(std::fs::metadata(path)?.permissions().mode() & 0o777)
+    }
+
+    #[test]
+    fn a_new_replica_and_its_directories_are_private_an_existing_file_keeps_its_mode(
+    ) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: umask only changes the process's file creation mask; a permissive
+        // one makes the test show what the code asks for, not what the mask allows.
+        unsafe { libc::umask(0o022) };
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("replicas/nested/d.img");
+        let r = FileReplica::open_or_create(&path, 1 << 20)?;
+        assert_eq!(r.size(), 1 << 20);
+        assert_eq!(mode(&path)?, 0o600);
+        assert_eq!(mode(&dir.path().join("replicas"))?, 0o700);
+        assert_eq!(mode(&dir.path().join("replicas/nested"))?, 0o700);
+        // An image the operator gave keeps the mode they chose.
+        let given = dir.path().join("given.img");
+        std::fs::write(&given, b"")?;
+        std::fs::set_permissions(&given, std::fs::Permissions::from_mode(0o640))?;
+        let r = FileReplica::open_or_create(&given, 1 << 20)?;
+        assert_eq!(r.size(), 1 << 20);
+        assert_eq!(mode(&given)?, 0o640);
         Ok(())
     }
 }

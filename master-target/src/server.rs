@@ -168,8 +168,10 @@ pub async fn handle(site: &Arc<Site>, msg: Message) -> Message {
                     .is_ok_and(|d| d.paused().is_none() && d.record().resync_required)
             });
             let action = match site.groups.check_in(&group, &agent, agent_disks, shut_down) {
-                Action::Continue if resync => Action::Resync,
-                action => action,
+                Ok(Action::Continue) if resync => Action::Resync,
+                Ok(action) => action,
+                // The agent keeps its data and checks in again; the disks stay paused.
+                Err(e) => return Message::error(ErrorCode::Unavailable, e.to_string()),
             };
             Message::Directive { action }
         }

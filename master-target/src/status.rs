@@ -16,7 +16,8 @@ pub struct GroupStatus {
     /// Group.
     pub group: String,
     /// syncing, protected, failing-over (giving the point back), failover-pending
-    /// (waiting for commit or cancel), failed-back or reprotecting.
+    /// (waiting for commit or cancel), failed-back, reprotecting, or refused (its
+    /// record cannot be read: `last_error` says why and what to do).
     pub state: String,
     /// Age of the newest recovery point in seconds (the recovery point objective met
     /// now), while protected.
@@ -41,19 +42,8 @@ pub fn collect_groups(state_dir: &Path, retention_dir: &Path) -> anyhow::Result<
     let records = load_records(state_dir)?;
     let mut out = Vec::new();
     for g in groups(&records) {
-        let rec = load_group(state_dir, &g);
         let points = group_points(&records, &g);
         let newest = points.last();
-        let state = match rec.state {
-            GroupState::Protected if newest.is_none() => "syncing",
-            GroupState::Protected => "protected",
-            GroupState::FailoverPending if rec.failover.as_ref().is_some_and(|f| !f.done) => {
-                "failing-over"
-            }
-            GroupState::FailoverPending => "failover-pending",
-            GroupState::FailedBack => "failed-back",
-            GroupState::Reprotecting => "reprotecting",
-        };
         let disks: Vec<String> = records
             .iter()
             .filter(|r| r.group == g)
@@ -63,19 +53,44 @@ pub fn collect_groups(state_dir: &Path, retention_dir: &Path) -> anyhow::Result<
             .iter()
             .map(|d| dir_bytes(&retention_dir.join(d)))
             .sum();
-        out.push(GroupStatus {
+        let mut status = GroupStatus {
             group: g.clone(),
-            state: state.into(),
-            rpo_seconds: newest
-                .filter(|_| rec.state == GroupState::Protected)
-                .map(|p| now.saturating_sub(p.time_ms) / 1000),
+            state: String::new(),
+            rpo_seconds: None,
             points: points.len(),
             newest_point: newest.map(|p| p.id),
             journal_bytes,
-            failover_point: rec.failover.as_ref().map(|f| f.point_id),
-            last_error: rec.last_error.clone(),
+            failover_point: None,
+            last_error: None,
             disks,
-        });
+        };
+        let rec = match load_group(state_dir, &g) {
+            Ok(rec) => rec,
+            Err(e) => {
+                // Not protected, whatever it was: the daemon keeps its disks paused.
+                status.state = "refused".into();
+                status.last_error = Some(e.to_string());
+                out.push(status);
+                continue;
+            }
+        };
+        status.state = match rec.state {
+            GroupState::Protected if newest.is_none() => "syncing",
+            GroupState::Protected => "protected",
+            GroupState::FailoverPending if rec.failover.as_ref().is_some_and(|f| !f.done) => {
+                "failing-over"
+            }
+            GroupState::FailoverPending => "failover-pending",
+            GroupState::FailedBack => "failed-back",
+            GroupState::Reprotecting => "reprotecting",
+        }
+        .into();
+        status.rpo_seconds = newest
+            .filter(|_| rec.state == GroupState::Protected)
+            .map(|p| now.saturating_sub(p.time_ms) / 1000);
+        status.failover_point = rec.failover.as_ref().map(|f| f.point_id);
+        status.last_error = rec.last_error;
+        out.push(status);
     }
     Ok(out)
 }
