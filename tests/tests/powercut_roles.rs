@@ -37,7 +37,7 @@ fn seed() -> u64 {
         .unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
+                .map_or(1, |d| d.as_secs() ^ u64::from(d.subsec_nanos()))
         });
     eprintln!("power-cut seed {seed} (BOOMERANG_SEED={seed} replays it)");
     seed
@@ -71,7 +71,7 @@ impl Mount {
 
     /// Drops what was not synced: everything for even rounds, a seeded subset else.
     fn cut(&self, round: u64, seed: u64) {
-        let mode = if round % 2 == 0 {
+        let mode = if round.is_multiple_of(2) {
             CutMode::DropAll
         } else {
             CutMode::KeepSome {
