@@ -1,26 +1,22 @@
-//! Fault injection for tests, driven by environment variables so the real binaries
-//! can be exercised. Each hook fires at most once per process.
-//!
-//! - `BOOMERANG_FAULT_CORRUPT_SEQ=N`: after hashing, flip one payload byte of the batch
-//!   with seq N (its first non-zero extent), so the master target's end-to-end check
-//!   must refuse it and the agent must send it again.
+//! Wire fault injection, through the same seam as the storage faults
+//! ([`boomerang_common::faults`]): site `batch.write`, called once per batch the agent
+//! builds (path `<disk>/seq-<seq>`), so `BOOMERANG_FAULTS=batch.write@3=eio` flips one
+//! payload byte of the third batch built, after hashing: the master target's
+//! end-to-end check must refuse it and the agent must send it again. Any fault kind
+//! means "corrupt" here; a crash fault kills the agent as at any other site. Compiled
+//! to nothing without the `faults` feature.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 
+use boomerang_common::faults::{self, Op};
 use boomerang_common::{Batch, Codec};
 use bytes::Bytes;
 
-static CORRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Applies `BOOMERANG_FAULT_CORRUPT_SEQ` to `batch`, once.
+/// Flips one payload byte of `batch` (its first non-zero extent) when a
+/// `batch.write` rule fires.
 pub fn maybe_corrupt(batch: &mut Batch) {
-    let Some(seq) = std::env::var("BOOMERANG_FAULT_CORRUPT_SEQ")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
-        return;
-    };
-    if batch.seq != seq || CORRUPTED.load(Ordering::SeqCst) {
+    let path = PathBuf::from(format!("{}/seq-{}", batch.disk, batch.seq));
+    if faults::check("batch", Op::Write, &path).is_none() {
         return;
     }
     if let Some(e) = batch.extents.iter_mut().find(|e| e.codec != Codec::Zero) {
@@ -29,9 +25,8 @@ pub fn maybe_corrupt(batch: &mut Batch) {
             *b ^= 0xff;
         }
         e.payload = Bytes::from(p);
-        CORRUPTED.store(true, Ordering::SeqCst);
         tracing::warn!(
-            seq,
+            seq = batch.seq,
             offset = e.offset,
             "fault injection: corrupted one payload byte"
         );

@@ -29,6 +29,7 @@
 //! scratch directories and logs for a post-mortem), `BOOMERANG_COMMAND_TIMEOUT_SECS`
 //! (deadline of one-shot commands, default 600), `TMPDIR` (where scratch goes).
 
+pub mod chaos;
 pub mod cli;
 pub mod cluster;
 pub mod disk;

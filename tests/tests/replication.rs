@@ -393,12 +393,12 @@ fn corrupted_batch_is_refused_counted_and_resent() {
     let report = sync_report(
         cluster
             .agent_command(&args)
-            .env("BOOMERANG_FAULT_CORRUPT_SEQ", "3"),
+            .env("BOOMERANG_FAULTS", "batch.write@3=eio"),
     );
     let resent = report_field(&report, DISK, "resent")
         .as_u64()
         .unwrap_or_else(|| panic!("no `resent` in {}", report.raw));
-    eprintln!("corrupted seq 3: resent {resent}");
+    eprintln!("corrupted the third batch: resent {resent}");
     assert!(resent >= 1, "nothing was resent: {}", report.raw);
 
     let status = cluster.mt_status();
