@@ -136,9 +136,10 @@ pub fn run(seed: u64, faults: u64, disk_mib: u64) -> anyhow::Result<Summary> {
             let mut again = spawn(&cluster, cluster.agent_command(&args))?;
             if wait(&mut again, SECOND_WAIT) != Some(true) {
                 let _ = again.kill();
+                let kept = keep_logs(&cluster, seed);
                 bail!(
-                    "round {round} ({role} {rule}): even a new sync after clean restarts failed; logs in {}",
-                    cluster.logs_dir().display()
+                    "round {round} ({role} {rule}): even a new sync after clean restarts failed; logs kept in {}",
+                    kept.display()
                 );
             }
         }
@@ -158,6 +159,19 @@ pub fn run(seed: u64, faults: u64, disk_mib: u64) -> anyhow::Result<Summary> {
         restart_clean(&mut cluster);
     }
     Ok(summary)
+}
+
+/// Copies the daemons' and the agent's logs out of the cluster's scratch directory
+/// (removed with the cluster) to `<tmp>/boomerang-chaos-<seed>-logs`.
+fn keep_logs(cluster: &Cluster, seed: u64) -> std::path::PathBuf {
+    let to = std::env::temp_dir().join(format!("boomerang-chaos-{seed}-logs"));
+    let _ = std::fs::create_dir_all(&to);
+    if let Ok(entries) = std::fs::read_dir(cluster.logs_dir()) {
+        for e in entries.flatten() {
+            let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+        }
+    }
+    to
 }
 
 /// "fault injection fired" lines in both daemons' logs so far.
