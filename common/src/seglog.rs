@@ -610,7 +610,7 @@ impl Log {
         }
         let rec_len = RECORD_HEADER + len as u64;
         if self.needs_roll(rec_len) {
-            self.roll()?;
+            self.begin_segment(self.next_lsn)?;
         }
         let lsn = self.next_lsn;
         let header = format::encode_record_header(kind, lsn, parts);
@@ -665,9 +665,19 @@ impl Log {
         Ok(self.durable)
     }
 
-    /// Closes the active segment (durably) and begins a new one at the next lsn.
-    fn roll(&mut self) -> Result<(), LogError> {
-        self.begin_segment(self.next_lsn)
+    /// Closes the active segment (durably) and begins a new one at the next lsn;
+    /// returns the closed segment's first lsn, `None` (and nothing done) when the
+    /// active segment holds no record. Appends roll by themselves at the segment
+    /// target; an owner rolls early to make a segment whose records are all released
+    /// retirable (only a closed segment can be retired), e.g. to free space after
+    /// ENOSPC on a file system smaller than a segment.
+    pub fn roll(&mut self) -> Result<Option<u64>, LogError> {
+        if self.active_len <= SEGMENT_HEADER {
+            return Ok(None);
+        }
+        let closed = self.active_first;
+        self.begin_segment(self.next_lsn)?;
+        Ok(Some(closed))
     }
 
     /// Moves the log's end forward to `lsn`: the lsns between are never written, and

@@ -96,6 +96,10 @@ pub struct DiskRecord {
     pub integrity_failures: u64,
     /// When the last record was applied (ms since epoch).
     pub last_apply_ms: u64,
+    /// Why the disk stopped applying (a full retention file system, a failed write),
+    /// until a record applies again: `status` shows it.
+    #[serde(default)]
+    pub apply_error: Option<String>,
 }
 
 impl DiskRecord {
@@ -116,6 +120,7 @@ impl DiskRecord {
             resync_required: false,
             integrity_failures: 0,
             last_apply_ms: 0,
+            apply_error: None,
         }
     }
 }
@@ -641,7 +646,10 @@ impl Disk {
                         rec.resync_required = false;
                     }
                 }
-                apply(self)?;
+                if let Err(e) = apply(self) {
+                    self.note_apply_error(&e);
+                    return Err(e);
+                }
                 let next = Position {
                     generation,
                     next_seq: seq + 1,
@@ -650,6 +658,7 @@ impl Disk {
                     let mut rec = lock(&self.record);
                     rec.position = next;
                     rec.last_apply_ms = boomerang_common::config::now_ms();
+                    rec.apply_error = None;
                 }
                 self.applied.send_replace(next);
                 self.dirty.store(true, Ordering::SeqCst);
@@ -675,6 +684,18 @@ impl Disk {
                     })
                 }
             }
+        }
+    }
+
+    /// Keeps why the disk stopped applying in its durable record, for `status`; stored
+    /// once per new reason, not at every retry of the same batch.
+    fn note_apply_error(&self, e: &ApplyError) {
+        let text = e.to_string();
+        let mut rec = lock(&self.record);
+        if rec.apply_error.as_deref() != Some(text.as_str()) {
+            rec.apply_error = Some(text);
+            self.dirty.store(true, Ordering::SeqCst);
+            self.flush_kick.notify_one();
         }
     }
 
@@ -879,6 +900,47 @@ mod tests {
             Outcome::Obsolete
         );
         assert_eq!(read(dir.path(), 0), 1, "an obsolete batch is not written");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_retention_journal_stops_the_disk_and_says_why_until_it_applies_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = open(dir.path());
+        let v = verify_batch(&batch(0, 1, 0, 1), 1 << 20).expect("verifies");
+        disk.apply_batch(1, 0, v).await.expect("seq 0");
+        let tag = Tag {
+            disk: "d0".into(),
+            generation: 1,
+            seq: 1,
+            kind: TagKind::AppConsistent,
+            point_id: 7,
+            time_ms: 1,
+            group: "g".into(),
+        };
+        disk.apply_tag(&tag).await.expect("tag");
+        assert_eq!(disk.record().apply_error, None);
+        {
+            let _full = boomerang_common::faults::arm_under(dir.path(), "undo.write@1=enospc")
+                .expect("arm");
+            let v = verify_batch(&batch(2, 1, 0, 2), 1 << 20).expect("verifies");
+            let err = disk
+                .apply_batch(1, 2, v)
+                .await
+                .expect_err("the journal is full");
+            assert!(err.to_string().contains("file system is full"), "{err}");
+        }
+        let shown = disk.record().apply_error.expect("the reason is kept");
+        assert!(shown.contains("retention journal"), "{shown}");
+        assert_eq!(read(dir.path(), 0), 1, "the replica is not written");
+        // Retried with room again: applied, and the reason is gone.
+        let v = verify_batch(&batch(2, 1, 0, 2), 1 << 20).expect("verifies");
+        assert_eq!(
+            disk.apply_batch(1, 2, v).await.expect("retry"),
+            Outcome::Applied
+        );
+        assert_eq!(disk.record().apply_error, None);
+        assert_eq!(disk.durable_record().apply_error, None);
+        assert_eq!(read(dir.path(), 0), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

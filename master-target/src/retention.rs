@@ -80,7 +80,7 @@ pub enum RetentionError {
         cause: String,
     },
     /// The file system holding the journal is full.
-    #[error("retention journal {dir}: the file system is full ({source}); the disk stops applying (the process server keeps its batches) until there is room: prune points (`boomerang-mt prune`), cap the journal ([retention] max_journal_bytes) or give the retention directory more space")]
+    #[error("retention journal {dir}: the file system is full ({source}); the disk stops applying (the process server keeps its batches) until there is room: give the retention directory more space, or cap the journal (`max_journal_bytes` under `[retention]` in the master target's config, then restart it) so that the oldest points are pruned")]
     Full {
         /// Directory.
         dir: PathBuf,

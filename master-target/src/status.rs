@@ -182,6 +182,8 @@ pub struct DiskStatus {
     pub lag_seconds: Option<u64>,
     /// Batches refused for a failed hash check.
     pub integrity_failures: u64,
+    /// Why the disk stopped applying, until a record applies again.
+    pub last_error: Option<String>,
 }
 
 impl DiskStatus {
@@ -210,6 +212,7 @@ impl DiskStatus {
             lag_seconds: (r.last_apply_ms > 0)
                 .then(|| now_ms.saturating_sub(r.last_apply_ms) / 1000),
             integrity_failures: r.integrity_failures,
+            last_error: r.apply_error,
         }
     }
 }
@@ -240,7 +243,9 @@ pub fn render(disks: &[DiskStatus]) -> String {
         "DISK", "SIZE", "APPLIED", "GEN", "SEQ", "STATE", "LAG", "BAD"
     );
     for d in disks {
-        let state = if d.consistent {
+        let state = if d.last_error.is_some() {
+            "stopped (see below)".to_string()
+        } else if d.consistent {
             format!("consistent ({})", d.cut.as_deref().unwrap_or("?"))
         } else {
             "syncing".to_string()
@@ -257,6 +262,9 @@ pub fn render(disks: &[DiskStatus]) -> String {
             lag,
             d.integrity_failures
         ));
+        if let Some(e) = &d.last_error {
+            out.push_str(&format!("  {}: not applying: {e}\n", d.disk));
+        }
     }
     out
 }

@@ -16,6 +16,10 @@
 //! cut back by the log before anything else is appended (so no record is ever placed
 //! after partial bytes); the records of the group before it are synced and
 //! acknowledged, the failed one and those after it are answered with the error.
+//! Each disk's records are held in seq order, as the master target applies them: a
+//! record arriving ahead of its predecessor waits for it a moment, and after ENOSPC
+//! no later seq of that disk is placed before the one that met it (a later record
+//! would take room that nothing can free while the forwarder waits at the gap).
 //! A failed fdatasync poisons the spool: nothing more is acknowledged, and the process
 //! server stops (see [`Spool::failed`]) so that its restart recovers from what is
 //! durable, never from a retried fsync after Linux dropped the dirty pages.
@@ -49,6 +53,9 @@ use tracing::{info, warn};
 pub const SEGMENT_TARGET: u64 = 64 << 20;
 /// Unit of spool space accounting.
 const UNIT: u64 = 4096;
+/// How long a record arriving ahead of its predecessor (by seq, in its disk and
+/// generation) waits for it before it is appended anyway.
+const ORDER_WAIT: Duration = Duration::from_secs(1);
 /// Record kind of a spooled frame.
 const KIND_FRAME: u8 = 1;
 const SCOPE: &str = "spool";
@@ -69,7 +76,15 @@ struct Index {
     live: HashMap<u64, usize>,
     /// Records the master target refused (integrity); the agent must resend them.
     rejected: HashMap<String, BTreeSet<(u64, u64)>>,
+    /// Per (disk, generation): one past the highest seq placed so far.
+    next_seq: HashMap<(String, u64), u64>,
 }
+
+/// Per (disk, generation) the writer refuses records past one that met ENOSPC, until
+/// that one is placed: the master target applies in seq order, so a later record
+/// placed while an earlier one waits for room would hold space that nothing can free
+/// (the forwarder stops at the gap), and on a small file system hold it for ever.
+type Blocked = HashMap<(String, u64), (u64, Arc<LogError>)>;
 
 struct Append {
     key: Key,
@@ -266,6 +281,7 @@ impl Spool {
             return Err(SpoolError::TooLarge(frame.len()));
         }
         let units = u32::try_from(units).map_err(|_| SpoolError::TooLarge(frame.len()))?;
+        self.wait_for_predecessors(&key).await;
         if self.space.available_permits() < units as usize {
             warn!(disk = %key.0, "spool full: pushing back on agents until the master target catches up");
         }
@@ -323,8 +339,29 @@ impl Spool {
         }
     }
 
+    /// Records of a disk arrive over concurrent streams, so now and then a seq before
+    /// its predecessor: it waits (up to [`ORDER_WAIT`], for a predecessor that may
+    /// never come) so that the spool holds each disk's records in seq order, which a
+    /// full file system needs (see [`Blocked`]).
+    async fn wait_for_predecessors(&self, key: &Key) {
+        let deadline = tokio::time::Instant::now() + ORDER_WAIT;
+        let stream = (key.0.clone(), key.1);
+        loop {
+            let placed = self.appended.notified();
+            let ahead = self
+                .lock()
+                .next_seq
+                .get(&stream)
+                .is_some_and(|&next| key.2 > next);
+            if !ahead || tokio::time::timeout_at(deadline, placed).await.is_err() {
+                return;
+            }
+        }
+    }
+
     fn write_loop(self: Arc<Self>, mut log: Log, mut rx: mpsc::Receiver<Append>) {
         let mut pending: Vec<Append> = Vec::new();
+        let mut blocked = Blocked::new();
         while let Some(first) = rx.blocking_recv() {
             pending.push(first);
             let mut bytes: usize = pending[0].frame.len();
@@ -337,7 +374,7 @@ impl Spool {
                     Err(_) => break,
                 }
             }
-            self.write_group(&mut log, &mut pending);
+            self.write_group(&mut log, &mut pending, &mut blocked);
             if let Some(cause) = log.segments().poisoned() {
                 self.failed.send_if_modified(|f| {
                     if f.is_none() {
@@ -354,23 +391,55 @@ impl Spool {
     /// index and answers each. Each record counts as live in its segment from the
     /// moment it is placed, so no segment holding a record of this group can be
     /// retired by a concurrent `remove` while the group is still being written.
-    fn write_group(&self, log: &mut Log, group: &mut Vec<Append>) {
-        let mut placed: Vec<Position> = Vec::with_capacity(group.len());
+    fn write_group(&self, log: &mut Log, group: &mut Vec<Append>, blocked: &mut Blocked) {
+        // Per record of the group: where it was placed, or why not.
+        let mut outcome: Vec<Result<Position, Arc<LogError>>> = Vec::with_capacity(group.len());
         let mut failure: Option<Arc<LogError>> = None;
+        let mut unblocked = false;
         for a in group.iter() {
+            let stream = (a.key.0.clone(), a.key.1);
+            if let Some(e) = &failure {
+                // Later records wait for a retry (their senders get the same error).
+                outcome.push(Err(e.clone()));
+                continue;
+            }
+            if let Some((first, e)) = blocked.get(&stream) {
+                if a.key.2 > *first {
+                    outcome.push(Err(e.clone()));
+                    continue;
+                }
+            }
             match log.append(KIND_FRAME, &[&a.frame]) {
                 Ok(pos) => {
                     *self.lock().live.entry(pos.segment).or_default() += 1;
-                    placed.push(pos);
+                    if blocked
+                        .get(&stream)
+                        .is_some_and(|(first, _)| *first == a.key.2)
+                    {
+                        blocked.remove(&stream);
+                        unblocked = true;
+                    }
+                    outcome.push(Ok(pos));
                 }
                 Err(e) => {
-                    // The log cut the failed record back; later ones wait for a retry
-                    // (their senders get the same error).
-                    failure = Some(Arc::new(e));
-                    break;
+                    // The log cut the failed record back before anything else.
+                    let e = Arc::new(e);
+                    if e.is_out_of_space() {
+                        let first = blocked.entry(stream).or_insert((a.key.2, e.clone()));
+                        if a.key.2 <= first.0 {
+                            *first = (a.key.2, e.clone());
+                        }
+                    }
+                    outcome.push(Err(e.clone()));
+                    failure = Some(e);
                 }
             }
         }
+        let placed: Vec<Position> = outcome
+            .iter()
+            .filter_map(|o| o.as_ref().ok())
+            .copied()
+            .collect();
         // The group commit: one fdatasync makes every record placed above durable.
         let synced = if placed.is_empty() {
             Ok(0)
@@ -380,8 +449,14 @@ impl Spool {
         let mut retire = Vec::new();
         {
             let mut idx = self.lock();
-            for (a, pos) in group.iter().zip(&placed) {
+            for (a, pos) in group
+                .iter()
+                .zip(&outcome)
+                .filter_map(|(a, o)| Some((a, o.as_ref().ok()?)))
+            {
                 if synced.is_ok() {
+                    let next = idx.next_seq.entry((a.key.0.clone(), a.key.1)).or_default();
+                    *next = (*next).max(a.key.2 + 1);
                     let entry = Entry {
                         pos: *pos,
                         units: units_of(pos.len),
@@ -407,16 +482,42 @@ impl Spool {
         for id in retire {
             self.retire_if_empty(id);
         }
-        let n = placed.len();
-        for (i, a) in group.drain(..).enumerate() {
-            let r = match (&synced, &failure) {
-                (Ok(_), _) if i < n => Ok(()),
-                (Err(e), _) if i < n => Err(e.clone()),
-                (_, Some(e)) => Err(e.clone()),
-                // Unreachable: records after the placed ones exist only after a failure.
-                (_, None) => Ok(()),
+        if failure.as_ref().is_some_and(|e| e.is_out_of_space()) {
+            self.free_dead_active_segment(log);
+        }
+        if unblocked {
+            self.freed.notify_waiters();
+        }
+        for (a, o) in group.drain(..).zip(outcome) {
+            let r = match (o, &synced) {
+                (Ok(_), Ok(_)) => Ok(()),
+                (Ok(_), Err(e)) => Err(e.clone()),
+                (Err(e), _) => Err(e),
             };
             let _ = a.done.send(r);
+        }
+    }
+
+    /// After ENOSPC: when every record of the active segment is already released, the
+    /// file system's space is held by that segment alone (only closed segments are
+    /// retired), which on a file system smaller than a segment would stall the spool
+    /// for good. Close it and retire it, so the waiting appends find room.
+    fn free_dead_active_segment(&self, log: &mut Log) {
+        let active = log.segments().active_segment();
+        if self.lock().live.get(&active).copied().unwrap_or(0) > 0 {
+            return;
+        }
+        match log.roll() {
+            Ok(Some(closed)) => {
+                info!(dir = %self.dir.display(), segment = closed, "spool file system full: closed the active segment, whose records are all delivered, to free its space");
+                self.retire_if_empty(closed);
+                self.freed.notify_waiters();
+            }
+            Ok(None) => {}
+            // No room even for a new segment's header: the next retry tries again.
+            Err(e) => {
+                warn!(dir = %self.dir.display(), error = %e, "spool file system full: cannot close the active segment yet")
+            }
         }
     }
 
@@ -938,6 +1039,87 @@ mod tests {
             .map(|k| (k.1, k.2))
             .collect();
         assert_eq!(keys, vec![(1, 0), (2, 0), (2, 1)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_waiting_for_space_is_never_overtaken_by_a_later_seq() {
+        // Seq 1 meets ENOSPC; seq 2 of the same disk must not take the room first: the
+        // master target applies in order, so seq 2 would hold space nothing can free.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), 64 << 20).expect("open");
+        let m = tag(0);
+        spool.append(&m, m.encode()).await.expect("seq 0");
+        let _full =
+            boomerang_common::faults::arm_under(dir.path(), "spool.write@1=enospc*2").expect("arm");
+        let first = {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                let m = tag(1);
+                spool.append(&m, m.encode()).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let m = tag(2);
+        tokio::time::timeout(Duration::from_secs(10), spool.append(&m, m.encode()))
+            .await
+            .expect("seq 2 goes in once seq 1 has")
+            .expect("seq 2");
+        first.await.expect("join").expect("seq 1");
+        let idx = spool.lock();
+        let lsn = |seq: u64| idx.entries[&("d0".to_string(), 1, seq)].pos.lsn;
+        assert!(
+            lsn(1) < lsn(2),
+            "seq 2 (lsn {}) was placed before seq 1 (lsn {})",
+            lsn(2),
+            lsn(1)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn enospc_with_every_record_delivered_retires_the_active_segment() {
+        // A file system smaller than a segment: once the master target has acked
+        // everything, the space is held by the active segment alone. It must be closed
+        // and retired, or the spool waits for ever.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), 64 << 20).expect("open");
+        for seq in 0..2 {
+            let m = tag(seq);
+            spool.append(&m, m.encode()).await.expect("append");
+        }
+        let before = segment_files(dir.path());
+        assert_eq!(before.len(), 1, "{before:?}");
+        for seq in 0..2 {
+            spool.remove(&("d0".to_string(), 1, seq));
+        }
+        assert_eq!(
+            segment_files(dir.path()),
+            before,
+            "the active segment stays"
+        );
+        let m = tag(2);
+        {
+            let _full = boomerang_common::faults::arm_under(dir.path(), "spool.write@1=enospc")
+                .expect("arm");
+            tokio::time::timeout(Duration::from_secs(5), spool.append(&m, m.encode()))
+                .await
+                .expect("the append goes through once the dead segment is gone")
+                .expect("append");
+        }
+        let after = segment_files(dir.path());
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert!(
+            !after.contains(&before[0]),
+            "{} was not retired",
+            before[0].display()
+        );
+        drop(spool);
+        let spool = Spool::open(dir.path(), 64 << 20).expect("reopen");
+        let keys: Vec<u64> = spool
+            .next_unsent(&BTreeSet::new(), 10, &mut HashMap::new())
+            .into_iter()
+            .map(|k| k.2)
+            .collect();
+        assert_eq!(keys, vec![2], "only the undelivered record is left");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
