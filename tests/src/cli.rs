@@ -310,6 +310,8 @@ pub struct MtStatus {
 pub const CUT_SYNC_COMPLETE: &str = "sync-complete";
 /// `cut` value of a replica at an app-consistent (frozen) point.
 pub const CUT_APP_CONSISTENT: &str = "app-consistent";
+/// `cut` value of a replica at a crash-consistent point.
+pub const CUT_CRASH_CONSISTENT: &str = "crash-consistent";
 
 impl MtStatus {
     /// Parses the status; panics naming the missing or mistyped field.

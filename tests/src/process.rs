@@ -493,11 +493,7 @@ impl Daemon {
 
     /// The daemon's peak resident set size (`VmHWM`) in KiB, while it runs.
     pub fn peak_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        peak_rss_kib(self.pid())
     }
 }
 
@@ -519,7 +515,17 @@ impl Drop for Daemon {
     }
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
+/// The peak resident set size (`VmHWM`) in KiB of a running process.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Sends `sig` to `pid`, which must be an unreaped child of this process.
+pub fn signal(pid: u32, sig: libc::c_int) {
     let pid = libc::pid_t::try_from(pid).expect("pid fits in pid_t");
     // SAFETY: kill(2) only sends a signal; `pid` is our own unreaped child, so the id
     // cannot have been recycled for another process.

@@ -1,5 +1,5 @@
 //! `chaos --seed S --faults N [--disk-mib M]`: the seeded fault campaign of
-//! [`boomerang_tests::chaos`]; exits 1 when a point was wrong.
+//! [`boomerang_tests::chaos`]; exits 1 when a point was wrong. Needs root and FUSE.
 
 use std::process::ExitCode;
 
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
     }
     match boomerang_tests::chaos::run(seed, faults, disk_mib) {
         Ok(summary) => {
+            println!("{}", summary.details());
             println!("{summary}");
             if summary.wrong > 0 {
                 ExitCode::FAILURE
