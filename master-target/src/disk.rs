@@ -324,6 +324,23 @@ impl Disk {
         &self.id
     }
 
+    /// Why this disk can apply nothing more until the master target restarts: its
+    /// flush (the replica's fdatasync and the record's store) failed, or its undo
+    /// journal is poisoned. A retried fsync after Linux dropped the dirty pages could
+    /// succeed on lost data, so only a restart, recovering from what is durable, may
+    /// go on.
+    pub fn failed(&self) -> Option<String> {
+        if self.flush_failed.load(Ordering::SeqCst) {
+            return Some(format!(
+                "disk {}: flushing the replica or storing its record failed (see the log above)",
+                self.id
+            ));
+        }
+        lock(&self.journal)
+            .poisoned()
+            .map(|cause| format!("disk {}: retention journal: {cause}", self.id))
+    }
+
     /// The replica.
     pub fn replica(&self) -> Arc<dyn Replica> {
         lock(&self.replica).clone()
@@ -941,6 +958,39 @@ mod tests {
         assert_eq!(disk.record().apply_error, None);
         assert_eq!(disk.durable_record().apply_error, None);
         assert_eq!(read(dir.path(), 0), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_journal_sync_marks_the_disk_failed_until_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = open(dir.path());
+        let v = verify_batch(&batch(0, 1, 0, 1), 1 << 20).expect("verifies");
+        disk.apply_batch(1, 0, v).await.expect("seq 0");
+        let tag = Tag {
+            disk: "d0".into(),
+            generation: 1,
+            seq: 1,
+            kind: TagKind::AppConsistent,
+            point_id: 7,
+            time_ms: 1,
+            group: "g".into(),
+        };
+        disk.apply_tag(&tag).await.expect("tag");
+        assert_eq!(disk.failed(), None);
+        {
+            let _eio =
+                boomerang_common::faults::arm_under(dir.path(), "undo.sync@1=eio").expect("arm");
+            let v = verify_batch(&batch(2, 1, 0, 2), 1 << 20).expect("verifies");
+            disk.apply_batch(1, 2, v)
+                .await
+                .expect_err("the sync failed");
+        }
+        let why = disk.failed().expect("the disk is failed");
+        assert!(why.contains("retention journal"), "{why}");
+        // Poisoned, not retried: room or not, nothing applies until a restart.
+        let v = verify_batch(&batch(2, 1, 0, 2), 1 << 20).expect("verifies");
+        disk.apply_batch(1, 2, v).await.expect_err("still poisoned");
+        assert_eq!(read(dir.path(), 0), 1, "the replica is not written");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,6 +148,17 @@ impl Disks {
         })
     }
 
+    /// Resolves once some disk can apply nothing more until a restart
+    /// ([`Disk::failed`]), with why.
+    pub async fn failed(&self) -> String {
+        loop {
+            if let Some(cause) = self.all().iter().find_map(|d| d.failed()) {
+                return cause;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+
     /// Every disk, sorted by id.
     pub fn all(&self) -> Vec<Arc<Disk>> {
         let mut v: Vec<_> = self.lock().values().cloned().collect();

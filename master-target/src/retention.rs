@@ -235,6 +235,12 @@ impl UndoJournal {
         })
     }
 
+    /// Why the journal refuses everything until the master target restarts (a failed
+    /// fdatasync, or a failed append it could not cut back), if it does.
+    pub fn poisoned(&self) -> Option<String> {
+        self.log.segments().poisoned()
+    }
+
     /// The lsn the next record will get: a cut taken now is at this lsn.
     pub fn end_lsn(&self) -> u64 {
         self.log.next_lsn()

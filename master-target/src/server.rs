@@ -8,7 +8,7 @@ use std::sync::Arc;
 use boomerang_common::config::Shutdown;
 use boomerang_common::message::{Action, ErrorCode, Message, Role};
 use boomerang_common::transport;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::MtConfig;
 use crate::disk::{verify_batch, Outcome};
@@ -58,11 +58,18 @@ pub async fn run(config: MtConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         name: config.name.clone(),
         software: env!("CARGO_PKG_VERSION").into(),
     };
+    let disks = site.disks.clone();
     let handler = move |msg: Message, _frame: bytes::Bytes| {
         let site = site.clone();
         async move { handle(&site, msg).await }
     };
-    transport::serve(&endpoint, &[Role::Ps], hello, shutdown, handler).await;
+    let failed = tokio::select! {
+        () = transport::serve(&endpoint, &[Role::Ps], hello, shutdown, handler) => None,
+        cause = disks.failed() => Some(cause),
+    };
+    if let Some(cause) = &failed {
+        error!(%cause, "stopping: a restart recovers from what is durable (nothing unsynced is trusted)");
+    }
     info!("shutting down");
     control.abort();
     pruner.abort();
@@ -72,7 +79,12 @@ pub async fn run(config: MtConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         b"master target shutting down",
     );
     endpoint.wait_idle().await;
-    Ok(())
+    match failed {
+        Some(cause) => Err(anyhow::anyhow!(
+            "{cause}; stopped so that a restart recovers from what is durable: check the storage, then start the master target again"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Answers one request.

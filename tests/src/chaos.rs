@@ -120,6 +120,8 @@ const RSS_BOUND_KIB: [(Role, u64); 3] = [
     (Role::Ps, 1024 * 1024),
     (Role::Mt, 1024 * 1024),
 ];
+/// Faults injected in one round, each after some writes.
+const FAULTS_PER_ROUND: u64 = 2;
 /// Points the master target keeps (so a materialization stays quick).
 const MAX_POINTS: u64 = 48;
 
@@ -252,12 +254,17 @@ impl Campaign {
     }
 
     fn rounds(&mut self, faults: u64) -> anyhow::Result<()> {
-        for round in 0..faults {
-            self.round(round)?;
+        let mut left = faults;
+        let mut round = 0;
+        while left > 0 {
+            let n = left.min(FAULTS_PER_ROUND);
+            self.round(round, n)?;
+            left -= n;
+            round += 1;
         }
         // Writes stop: the newest point holds them all, every listed point is right.
-        self.wait_point_after_writes(round_label(faults))?;
-        self.check_new_points(round_label(faults));
+        self.wait_point_after_writes(round_label(round))?;
+        self.check_new_points(round_label(round));
         let ids: Vec<u64> = self.listed()?.into_iter().collect();
         for id in ids {
             self.recheck(id);
@@ -281,26 +288,46 @@ impl Campaign {
         Ok(())
     }
 
-    fn round(&mut self, round: u64) -> anyhow::Result<()> {
+    /// One round: `n` faults, each after some writes, then more writes, the
+    /// restarts a service manager would do, a point after the last write, and checks.
+    fn round(&mut self, round: u64, n: u64) -> anyhow::Result<()> {
         let label = round_label(round);
-        let fault = faults::choose(&mut self.rng);
-        self.summary.faults += 1;
-        *self.summary.kinds.entry(fault.kind()).or_default() += 1;
-        *self.summary.roles.entry(fault.role().name()).or_default() += 1;
-        let fired_before = self.fired_lines(fault.role());
-        let before = self.rng.between(10, 60);
-        self.write(before)?;
-        self.sample_rss();
-        self.inject(&fault, round)?;
-        let after = self.rng.between(10, 60);
-        self.write(after)?;
+        let started = Instant::now();
+        let mut done: Vec<(Fault, bool)> = Vec::new();
+        let mut last_fired_before = 0;
+        for _ in 0..n {
+            let fault = faults::choose(&mut self.rng);
+            self.summary.faults += 1;
+            *self.summary.kinds.entry(fault.kind()).or_default() += 1;
+            *self.summary.roles.entry(fault.role().name()).or_default() += 1;
+            let writes = self.rng.between(10, 60);
+            self.write(writes)?;
+            self.sample_rss();
+            let fired_before = self.fired_lines(fault.role());
+            last_fired_before = fired_before;
+            self.inject(&fault, round)?;
+            let writes = self.rng.between(10, 60);
+            self.write(writes)?;
+            let fired = match &fault {
+                Fault::Storage { role, .. } => self.fired_lines(*role) > fired_before,
+                _ => true,
+            };
+            done.push((fault, fired));
+        }
         self.settle()?;
-        let fired = match &fault {
-            Fault::Storage { role, .. } => self.fired_lines(*role) > fired_before,
-            _ => true,
-        };
-        self.summary.fired += u64::from(fired);
         let stalled = self.wait_point_after_writes(label.clone())?;
+        // The last rule may fire only while the point is awaited: that counts too.
+        if let Some((Fault::Storage { role, .. }, fired)) = done.last_mut() {
+            *fired = *fired || self.fired_lines(*role) > last_fired_before;
+        }
+        self.summary.fired += done.iter().filter(|(_, f)| *f).count() as u64;
+        // A storage rule stays armed until the role restarts: start it clean, so the
+        // checks (which need the master target) meet no fault.
+        for (fault, _) in &done {
+            if let Fault::Storage { role, .. } = fault {
+                self.restart(*role, true)?;
+            }
+        }
         let (new, wrong) = self.check_new_points(label.clone());
         // One earlier point again: later faults must not have changed it.
         let old: Vec<u64> = self.checked.keys().copied().collect();
@@ -310,9 +337,14 @@ impl Campaign {
                 self.recheck(pick);
             }
         }
+        let faults: Vec<String> = done
+            .iter()
+            .map(|(f, fired)| format!("{f}{}", if *fired { " (fired)" } else { "" }))
+            .collect();
         eprintln!(
-            "{label}: {fault}{}{}: {new} new points checked{}",
-            if fired { " (fired)" } else { "" },
+            "{label} ({:.1} s): {}{}: {new} new points checked{}",
+            started.elapsed().as_secs_f64(),
+            faults.join("; "),
             if stalled { ", STALLED" } else { "" },
             if wrong > 0 {
                 format!(", {wrong} WRONG")
@@ -320,10 +352,6 @@ impl Campaign {
                 String::new()
             }
         );
-        // A storage rule stays armed until the role restarts: start it clean.
-        if let Fault::Storage { role, .. } = fault {
-            self.restart(role, true)?;
-        }
         Ok(())
     }
 
@@ -632,7 +660,9 @@ impl Campaign {
     }
 
     /// The point's disk, by `test-failover` to a scratch file (cleaned up after).
-    fn materialize(&self, id: u64) -> Result<Vec<u8>, String> {
+    fn materialize(&mut self, id: u64) -> Result<Vec<u8>, String> {
+        // The cleanup goes through the running master target.
+        self.settle().map_err(|e| format!("{e:#}"))?;
         let target = self.cluster.root().join("point.img");
         let mut args = cli::point_to_args(&id.to_string(), &[(DISK.to_string(), target.clone())]);
         args.push("--json".into());
