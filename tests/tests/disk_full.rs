@@ -1,4 +1,4 @@
-//! Disk full for real: the process server's spool and the master target's retention
+//! Disk full for real: the process server's spool, the master target's retention
 //! journal on small ext4 file systems (loop devices), filled to ENOSPC by real data.
 //!
 //! - **Spool file system full**: the spool on a 48 MiB file system, its cap far above
@@ -19,8 +19,15 @@
 //!   offers: it has no `prune` command) and restarts it: the older point is pruned, the
 //!   apply resumes, the sync completes, the replica equals the source and the newer
 //!   point is still exact.
+//! - **Agent journal file system full**: the agent's state on a 24 MiB file system,
+//!   its journal cap far above it, the intercept source serving a 64 MiB disk. With
+//!   the process server down, 40 MiB are written through the served file: every
+//!   write succeeds, the journal drops the disk to bitmap mode and says so; once the
+//!   process server is back a point after the last write comes and the replica is the
+//!   disk byte for byte.
 //!
-//! Privileged: needs root, loop devices and the ext4 tools. Without them each test
+//! Privileged: needs root, loop devices and the ext4 tools (and FUSE for the agent
+//! journal's test). Without them each test
 //! prints `SKIPPED` and returns; with `BOOMERANG_PRIVILEGED_TESTS=1` a missing
 //! prerequisite fails. Run: `BOOMERANG_PRIVILEGED_TESTS=1 cargo test -p
 //! boomerang-tests --test disk_full -- --nocapture`.
@@ -710,4 +717,108 @@ fn a_full_retention_file_system_stops_the_disk_until_a_point_is_pruned() {
         "a_full_retention_file_system_stops_the_disk_until_a_point_is_pruned: took {:?}",
         started.elapsed()
     );
+}
+
+// ---------------------------------------------------------------------------------
+// The agent journal's file system full
+
+/// The agent's state (its write-order journal) lives here; the journal's own cap is
+/// far above it, so the file system fills first.
+const JOURNAL_FS: u64 = 24 * MIB;
+/// The protected disk, served through the intercept source.
+const JOURNAL_SOURCE: u64 = 64 * MIB;
+/// Written while the process server is down: more than the file system holds.
+const JOURNAL_WRITES: u64 = 40 * MIB;
+/// Agent log lines (agent/src/journal/mode.rs).
+const LOG_JOURNAL_FULL: &str = "journal full: bitmap mode";
+
+#[test]
+fn a_full_agent_journal_file_system_drops_to_bitmap_mode_and_loses_nothing() {
+    let test = "a_full_agent_journal_file_system_drops_to_bitmap_mode_and_loses_nothing";
+    let Some(_one) = gate(test) else {
+        return;
+    };
+    if !boomerang_tests::require_power_cut(test) {
+        return; // the intercept source needs /dev/fuse too
+    }
+    let fs = SmallFs::new("diskfull-journal", JOURNAL_FS);
+    let mut cluster = Cluster::start(ClusterConfig::default());
+    let backing = cluster.root().join("disk.img");
+    random_image(&backing, JOURNAL_SOURCE, 701);
+    let mut args = cluster.agent1().disk(DISK, &backing).group(GROUP);
+    args.state_dir = fs.dir().join("agent1");
+    args.json = false;
+    args.extra
+        .extend(["--journal-mib", "4096"].map(OsString::from));
+    let serve = cluster.root().join("serve");
+    std::fs::create_dir_all(&serve).expect("create the serve directory");
+    let log = cluster.logs_dir().join("agent-journal.log");
+    std::fs::create_dir_all(cluster.logs_dir()).expect("create the logs directory");
+    let agent = boomerang_tests::chaos::agent::TrackingAgent::start(&args, DISK, &serve, &[], &log)
+        .expect("the agent serves the disk");
+    let cut_after = |cluster: &Cluster, ms: u64| {
+        let status = cluster.mt_status();
+        let d = &status.raw["disks"][0];
+        d["cut"] == boomerang_tests::cli::CUT_CRASH_CONSISTENT
+            && d["point_id"].as_u64().is_some_and(|p| p > ms)
+    };
+    let started = boomerang_common::config::now_ms();
+    wait_for(
+        "the first point",
+        SYNC_TIMEOUT,
+        Duration::from_millis(200),
+        || {
+            if cut_after(&cluster, started) {
+                Ok(())
+            } else {
+                Err(format!("{:?}", disk_status(&cluster, DISK)))
+            }
+        },
+    );
+
+    // The process server down: nothing leaves the journal, which fills the file
+    // system. Every write must still succeed.
+    cluster.ps().terminate();
+    let disk = agent.disk().expect("the served disk");
+    let chunk = MIB;
+    let mut written = 0;
+    while written < JOURNAL_WRITES {
+        let at = (written * 7) % (JOURNAL_SOURCE - chunk);
+        write_random(disk, &backing, at & !4095, chunk, 702 + written);
+        written += chunk;
+    }
+    let free = fs.free_bytes();
+    let agent_log = std::fs::read_to_string(&log).unwrap_or_default();
+    let full = lines_with(&agent_log, &[LOG_JOURNAL_FULL]);
+    eprintln!(
+        "{} MiB written with the process server down; {:.2} MiB free on the journal's file system; the agent says: {}",
+        JOURNAL_WRITES / MIB,
+        mib(free),
+        full.first().copied().unwrap_or("(nothing)")
+    );
+    assert!(
+        !full.is_empty(),
+        "no `{LOG_JOURNAL_FULL}` in the agent's log although the file system filled ({:.2} MiB free)",
+        mib(free)
+    );
+
+    // Back: the bitmap drains, a point after the last write comes, the replica is
+    // the disk byte for byte.
+    let last = boomerang_common::config::now_ms();
+    cluster.restart_ps();
+    wait_for(
+        "a point after the last write",
+        SYNC_TIMEOUT,
+        Duration::from_millis(200),
+        || {
+            if cut_after(&cluster, last) {
+                Ok(())
+            } else {
+                Err(format!("{:?}", disk_status(&cluster, DISK)))
+            }
+        },
+    );
+    let want = sha256_file(&backing);
+    assert_replica(&cluster, &want, boomerang_tests::cli::CUT_CRASH_CONSISTENT);
+    agent.stop();
 }

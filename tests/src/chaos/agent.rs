@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -58,17 +58,19 @@ impl TrackingAgent {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let log = OpenOptions::new()
+        let mut log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .with_context(|| format!("open {}", log.display()))?;
+        let stderr = log.try_clone().context("clone the log handle")?;
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
+            .stderr(Stdio::from(stderr))
             .spawn()
             .context("start boomerang-agent track")?;
+        let _ = writeln!(log, "=== agent pid {} started", child.id());
         let stdout = Arc::new(Mutex::new(String::new()));
         if let Some(mut out) = child.stdout.take() {
             let sink = Arc::clone(&stdout);
@@ -84,37 +86,39 @@ impl TrackingAgent {
                 }
             });
         }
+        // From here on a failure drops the agent, which kills it.
+        let mut agent = TrackingAgent {
+            child,
+            stdout,
+            disk: None,
+            mount,
+        };
         let prefix = format!("serving {disk} at ");
         let deadline = Instant::now() + SERVE_TIMEOUT;
         let file = loop {
-            let served = stdout.lock().ok().and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix(&prefix).map(|f| PathBuf::from(f.trim())))
-            });
+            let served = agent
+                .stdout()
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix).map(|f| PathBuf::from(f.trim())));
             if let Some(file) = served {
                 break file;
             }
-            if let Some(status) = child.try_wait().context("wait for the agent")? {
+            if let Some(status) = agent.child.try_wait().context("wait for the agent")? {
                 bail!("the agent exited ({status}) before serving {disk}");
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
                 bail!("the agent did not serve {disk} within {SERVE_TIMEOUT:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let disk = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&file)
-            .with_context(|| format!("open the served disk {}", file.display()))?;
-        Ok(TrackingAgent {
-            child,
-            stdout,
-            disk: Some(disk),
-            mount,
-        })
+        agent.disk = Some(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&file)
+                .with_context(|| format!("open the served disk {}", file.display()))?,
+        );
+        Ok(agent)
     }
 
     /// The served disk.
