@@ -437,3 +437,12 @@ fn set_aside_segments(dir: &Path) -> Result<PathBuf, JournalError> {
     storage::fsync_dir(SCOPE, dir).map_err(io("fsync", dir))?;
     Ok(aside)
 }
+
+/// Decodes the payload of a journal record of `kind` (1 write, 2 tag, 3 zero; see the
+/// module doc) with the decoder [`Journal::open`] checks every record with and
+/// [`Journal::read_from`] reads them with; a write's data is a slice of `payload`.
+/// `Err` says what is wrong with the payload. Public for the `agent_journal_recovery`
+/// fuzz target, which runs it inside seglog's recovery scan as `open` does.
+pub fn decode_record_payload(kind: u8, payload: &bytes::Bytes) -> Result<Entry, String> {
+    format::decode_entry(kind, payload)
+}

@@ -86,9 +86,12 @@ use serde::{Deserialize, Serialize};
 use self::dirty::DirtySet;
 use self::reader::{eventfd, kick, Health, Reader, ReaderEnd, ReaderParts};
 pub use self::tracefs::CpuStats;
+// Public for the `tracefs_line` fuzz target: the line parser and the sector arithmetic.
+pub use self::event::{parse_line, BioOp, Line};
+pub use self::tracefs::DeviceTarget;
 use self::tracefs::{
-    instance_name, io_err, parse_stats, read_ctl, write_ctl, DeviceTarget, Instance, Watch,
-    EVENT_DIR, INSTANCE_PREFIX,
+    instance_name, io_err, parse_stats, read_ctl, write_ctl, Instance, Watch, EVENT_DIR,
+    INSTANCE_PREFIX,
 };
 
 /// Tracking granularity in bytes (a 4 KiB block).

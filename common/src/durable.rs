@@ -14,7 +14,7 @@
 //!  slot: magic "BMST" | version u16 | 0 u16 | counter u64 | len u32 | crc32 u32 | json
 //! ```
 //! The crc32 covers the counter, the length and the JSON. Reading takes the valid slot
-//! with the higher counter.
+//! with the higher counter ([`decode_slots`], with no IO).
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -229,19 +229,15 @@ impl<T: Serialize + DeserializeOwned + Clone> StateFile<T> {
     pub fn open(path: &Path) -> Result<Self, DurableError> {
         let file =
             storage::File::open_rw(STATE_SCOPE, path).map_err(io_err("open state file", path))?;
-        let mut best: Option<(u64, u64, T)> = None;
-        for slot in 0..2u64 {
-            let mut buf = vec![0u8; SLOT_LEN];
-            let n = file
-                .read_at_most(&mut buf, slot * SLOT_LEN as u64)
-                .map_err(io_err("read state file", path))?;
-            if let Some((counter, value)) = decode_slot::<T>(&buf[..n]) {
-                if best.as_ref().is_none_or(|(c, _, _)| counter > *c) {
-                    best = Some((counter, slot, value));
-                }
-            }
-        }
-        let (counter, slot, value) = best.ok_or_else(|| DurableError::Damaged {
+        let mut image = vec![0u8; 2 * SLOT_LEN];
+        let n = file
+            .read_at_most(&mut image, 0)
+            .map_err(io_err("read state file", path))?;
+        let SlotState {
+            value,
+            slot,
+            counter,
+        } = decode_slots(&image[..n]).ok_or_else(|| DurableError::Damaged {
             path: path.to_path_buf(),
         })?;
         Ok(StateFile {
@@ -316,6 +312,39 @@ fn encode_slot<T: Serialize>(
     out.extend_from_slice(&crc.finalize().to_le_bytes());
     out.extend_from_slice(&json);
     Ok(out)
+}
+
+/// The state [`decode_slots`] found in a state file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotState<T> {
+    /// The state.
+    pub value: T,
+    /// The slot it was in (0 or 1); the next store writes the other one.
+    pub slot: u64,
+    /// Its update counter (the higher of two valid slots is the newer state).
+    pub counter: u64,
+}
+
+/// Decodes a state file's bytes, read from offset 0 (at most `2 * SLOT_LEN` are
+/// looked at; a short image simply leaves a slot torn), with no IO: the valid slot
+/// with the higher counter, slot 0 on a tie; `None` when neither slot is valid. A slot
+/// is valid when its magic, version and crc32 hold and its JSON decodes as `T`.
+/// [`StateFile::open`] reads the file and calls this; the fuzz target
+/// `state_file_slots` calls it on arbitrary bytes.
+pub fn decode_slots<T: DeserializeOwned>(image: &[u8]) -> Option<SlotState<T>> {
+    let mut best: Option<SlotState<T>> = None;
+    for (bytes, slot) in image.chunks(SLOT_LEN).zip(0..2u64) {
+        if let Some((counter, value)) = decode_slot::<T>(bytes) {
+            if best.as_ref().is_none_or(|b| counter > b.counter) {
+                best = Some(SlotState {
+                    value,
+                    slot,
+                    counter,
+                });
+            }
+        }
+    }
+    best
 }
 
 fn decode_slot<T: DeserializeOwned>(buf: &[u8]) -> Option<(u64, T)> {
@@ -393,6 +422,39 @@ mod tests {
         f.write_all_at(b"garbage", SLOT_LEN as u64 + 30)?;
         let err = StateFile::<S>::open(&path).expect_err("both slots torn");
         assert!(err.to_string().contains("damaged"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn decode_slots_takes_the_newer_valid_slot() -> Result<(), Box<dyn std::error::Error>> {
+        let path = Path::new("state");
+        let s = |seq| S {
+            seq,
+            name: "a".into(),
+        };
+        let mut image = vec![0u8; 2 * SLOT_LEN];
+        let old = encode_slot(path, 4, &s(4))?;
+        let new = encode_slot(path, 5, &s(5))?;
+        image[..new.len()].copy_from_slice(&new);
+        image[SLOT_LEN..SLOT_LEN + old.len()].copy_from_slice(&old);
+        let got = decode_slots::<S>(&image).ok_or("both slots valid")?;
+        assert_eq!((got.value, got.slot, got.counter), (s(5), 0, 5));
+        // The newer slot torn: the older one wins.
+        image[SLOT_HEADER + 3] ^= 0x40;
+        let got = decode_slots::<S>(&image).ok_or("slot 1 valid")?;
+        assert_eq!((got.value, got.slot, got.counter), (s(4), 1, 4));
+        // A short image holds slot 0 at most; slot 1 cut short is torn.
+        image[SLOT_HEADER + 3] ^= 0x40;
+        assert_eq!(
+            decode_slots::<S>(&image[..SLOT_LEN]).map(|g| g.slot),
+            Some(0)
+        );
+        let cut = SLOT_LEN + old.len() - 1;
+        image[..SLOT_LEN].fill(0);
+        assert!(decode_slots::<S>(&image[..cut]).is_none());
+        assert!(decode_slots::<S>(&[]).is_none());
+        // Valid bytes that are not a T are not a state.
+        assert!(decode_slots::<Vec<String>>(&image).is_none());
         Ok(())
     }
 

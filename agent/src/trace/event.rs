@@ -19,7 +19,7 @@
 
 /// What a bio does to the disk's content, from its rwbs string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BioOp {
+pub enum BioOp {
     /// `W`: data written.
     Write,
     /// `D` (`DE` secure erase): content discarded.
@@ -62,7 +62,7 @@ pub(crate) fn classify_rwbs(rwbs: &str) -> Option<BioOp> {
 
 /// One parsed line of `trace_pipe`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Line<'a> {
+pub enum Line<'a> {
     /// A `block_bio_queue` event.
     Bio {
         /// Major and minor as printed (the kernel's `dev_t` split at bit 20).
@@ -92,7 +92,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Parses one line (without its newline).
-pub(crate) fn parse_line(line: &[u8]) -> Line<'_> {
+pub fn parse_line(line: &[u8]) -> Line<'_> {
     if line.starts_with(b"CPU:") && find(line, b"[LOST ").is_some() {
         return Line::Lost(line);
     }

@@ -168,17 +168,19 @@ fn unescape_mount(s: &str) -> PathBuf {
     PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
 }
 
-/// The protected block device as the `block_bio_queue` event reports it.
+/// The protected block device as the `block_bio_queue` event reports it. Public (with
+/// [`DeviceTarget::byte_range`]) for the `tracefs_line` fuzz target.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct DeviceTarget {
+pub struct DeviceTarget {
     /// Major and minor of the device given.
-    pub(crate) major: u32,
-    pub(crate) minor: u32,
+    pub major: u32,
+    /// See `major`.
+    pub minor: u32,
     /// Major and minor the event carries: the whole disk's (a partition's bios are
     /// remapped to the disk before the event fires).
-    pub(crate) event_dev: (u32, u32),
+    pub event_dev: (u32, u32),
     /// For a partition: its first sector and sector count on the disk.
-    pub(crate) partition: Option<(u64, u64)>,
+    pub partition: Option<(u64, u64)>,
 }
 
 /// The kernel's internal dev_t, as the event's `dev` field holds it: MKDEV(major,
@@ -266,8 +268,9 @@ impl DeviceTarget {
     }
 
     /// Byte range `(offset, len)` on the device of an event's sectors, `None` when it
-    /// lies outside the device (the filter was changed under us).
-    pub(crate) fn byte_range(&self, sector: u64, sectors: u32) -> Option<(u64, u64)> {
+    /// lies outside the device (the filter was changed under us) or its end is past
+    /// the last byte offset a `u64` holds.
+    pub fn byte_range(&self, sector: u64, sectors: u32) -> Option<(u64, u64)> {
         let sector = match self.partition {
             None => sector,
             Some((start, size)) => {
@@ -275,7 +278,11 @@ impl DeviceTarget {
                 (rel < size).then_some(rel)?
             }
         };
-        Some((sector.checked_mul(512)?, u64::from(sectors) * 512))
+        let offset = sector.checked_mul(512)?;
+        let len = u64::from(sectors) * 512;
+        // The end must be a byte offset too: the dirty set would otherwise clamp it.
+        offset.checked_add(len)?;
+        Some((offset, len))
     }
 }
 
@@ -619,6 +626,23 @@ mod tests {
         assert_eq!(part.byte_range(2047, 8), None);
         assert_eq!(part.byte_range(3048, 8), None);
         assert_eq!(disk.byte_range(u64::MAX, 8), None);
+    }
+
+    #[test]
+    fn a_range_ending_past_u64_is_outside() {
+        // Found by the tracefs_line fuzz target: the start fits a u64 byte offset, the
+        // end does not (it used to come back as Some and the dirty set clamped it).
+        let disk = DeviceTarget {
+            major: 8,
+            minor: 16,
+            event_dev: (8, 16),
+            partition: None,
+        };
+        let last = u64::MAX / 512;
+        assert_eq!(disk.byte_range(last, 1), None);
+        assert_eq!(disk.byte_range(last, u32::MAX), None);
+        assert_eq!(disk.byte_range(last, 0), Some((last * 512, 0)));
+        assert_eq!(disk.byte_range(last - 8, 8), Some(((last - 8) * 512, 4096)));
     }
 
     #[test]

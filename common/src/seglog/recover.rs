@@ -147,8 +147,12 @@ pub fn scan_segment<R: ReadAt + ?Sized>(
         }
     }
     scan.valid_len = SEGMENT_HEADER_LEN as u64;
+    // Up to 1 MiB at a time, no more than the segment holds.
+    let buffer = usize::try_from(file_len)
+        .unwrap_or(usize::MAX)
+        .clamp(4096, 1 << 20);
     let mut reader = io::BufReader::with_capacity(
-        1 << 20,
+        buffer,
         Cursor {
             src,
             pos: SEGMENT_HEADER_LEN as u64,
@@ -171,6 +175,12 @@ pub fn scan_segment<R: ReadAt + ?Sized>(
                 break;
             }
         };
+        if header.lsn == u64::MAX {
+            // Its successor's lsn would not fit: no log gets here honestly, and
+            // `end_lsn` must stay a u64.
+            scan.damage = Some((at, "record lsn u64::MAX leaves no next lsn".into()));
+            break;
+        }
         let seen = Seen {
             lsn: header.lsn,
             kind: header.kind,

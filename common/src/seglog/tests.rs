@@ -476,3 +476,26 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_record_at_the_last_lsn_is_damage_not_an_overflow() {
+    // Found by the seglog_recovery fuzz target: a header lsn at u64::MAX made the
+    // scan's next expected lsn overflow.
+    let rules = recover::ScanRules {
+        kind: *b"TEST",
+        max_payload: 64,
+        payloads: true,
+    };
+    let first = u64::MAX - 1;
+    let mut seg = format::encode_segment_header(*b"TEST", first).to_vec();
+    for lsn in [first, u64::MAX] {
+        seg.extend_from_slice(&format::encode_record_header(1, lsn, &[b"x"]));
+        seg.extend_from_slice(b"x");
+    }
+    let scan = recover::scan_segment(&seg[..], first, rules, |_| Ok(())).expect("scan");
+    assert_eq!(scan.records, 1);
+    assert_eq!(scan.end_lsn(), u64::MAX);
+    let (at, reason) = scan.damage.expect("the second record is damage");
+    assert_eq!(at, scan.valid_len);
+    assert!(reason.contains("u64::MAX"), "{reason}");
+}
