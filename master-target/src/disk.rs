@@ -838,6 +838,25 @@ mod tests {
         Disk::start(replica, st, journal)
     }
 
+    /// [`open`], then seq 0 (the first chunk all 1s) and an app-consistent point at
+    /// seq 1: from here on every batch journals its before-images.
+    async fn open_with_a_point(dir: &std::path::Path) -> Arc<Disk> {
+        let disk = open(dir);
+        let v = verify_batch(&batch(0, 1, 0, 1), 1 << 20).expect("verifies");
+        disk.apply_batch(1, 0, v).await.expect("seq 0");
+        let tag = Tag {
+            disk: "d0".into(),
+            generation: 1,
+            seq: 1,
+            kind: TagKind::AppConsistent,
+            point_id: 7,
+            time_ms: 1,
+            group: "g".into(),
+        };
+        disk.apply_tag(&tag).await.expect("tag");
+        disk
+    }
+
     fn read(dir: &std::path::Path, offset: u64) -> u8 {
         let bytes = std::fs::read(dir.join("d0.img")).expect("read replica");
         bytes[usize::try_from(offset).expect("small")]
@@ -922,19 +941,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_retention_journal_stops_the_disk_and_says_why_until_it_applies_again() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let disk = open(dir.path());
-        let v = verify_batch(&batch(0, 1, 0, 1), 1 << 20).expect("verifies");
-        disk.apply_batch(1, 0, v).await.expect("seq 0");
-        let tag = Tag {
-            disk: "d0".into(),
-            generation: 1,
-            seq: 1,
-            kind: TagKind::AppConsistent,
-            point_id: 7,
-            time_ms: 1,
-            group: "g".into(),
-        };
-        disk.apply_tag(&tag).await.expect("tag");
+        let disk = open_with_a_point(dir.path()).await;
         assert_eq!(disk.record().apply_error, None);
         {
             let _full = boomerang_common::faults::arm_under(dir.path(), "undo.write@1=enospc")
@@ -963,19 +970,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_journal_sync_marks_the_disk_failed_until_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let disk = open(dir.path());
-        let v = verify_batch(&batch(0, 1, 0, 1), 1 << 20).expect("verifies");
-        disk.apply_batch(1, 0, v).await.expect("seq 0");
-        let tag = Tag {
-            disk: "d0".into(),
-            generation: 1,
-            seq: 1,
-            kind: TagKind::AppConsistent,
-            point_id: 7,
-            time_ms: 1,
-            group: "g".into(),
-        };
-        disk.apply_tag(&tag).await.expect("tag");
+        let disk = open_with_a_point(dir.path()).await;
         assert_eq!(disk.failed(), None);
         {
             let _eio =

@@ -455,7 +455,13 @@ impl Spool {
                 .filter_map(|(a, o)| Some((a, o.as_ref().ok()?)))
             {
                 if synced.is_ok() {
-                    let next = idx.next_seq.entry((a.key.0.clone(), a.key.1)).or_default();
+                    let stream = (a.key.0.clone(), a.key.1);
+                    if !idx.next_seq.contains_key(&stream) {
+                        // A new generation: the disk's older ones are done with.
+                        idx.next_seq
+                            .retain(|(d, g), _| d != &stream.0 || *g > stream.1);
+                    }
+                    let next = idx.next_seq.entry(stream).or_default();
                     *next = (*next).max(a.key.2 + 1);
                     let entry = Entry {
                         pos: *pos,

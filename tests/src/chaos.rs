@@ -37,8 +37,7 @@ pub mod faults;
 pub mod workload;
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -128,7 +127,8 @@ const MAX_POINTS: u64 = 48;
 /// A power-cut mount in its own scratch directory.
 struct CutMount {
     fs: PowerCutFs,
-    _scratch: TempDir,
+    /// Holds the mount's backing and mount point, and room for files beside them.
+    scratch: TempDir,
 }
 
 impl CutMount {
@@ -141,10 +141,7 @@ impl CutMount {
         }
         let fs = PowerCutFs::mount(&backing, &mnt, PowerCutOptions::default())
             .context("mount a power-cut file system (needs root and /dev/fuse)")?;
-        Ok(CutMount {
-            fs,
-            _scratch: scratch,
-        })
+        Ok(CutMount { fs, scratch })
     }
 }
 
@@ -191,8 +188,8 @@ impl Campaign {
         let agent_fs = CutMount::new("chaos-agent")?;
         let ps_fs = CutMount::new("chaos-ps")?;
         let mt_fs = CutMount::new("chaos-mt")?;
-        let config_dir = scratch_dir("chaos-config");
-        let config = config_dir.path().join("mt.toml");
+        // Beside the master target's power-cut mount, not on it: cuts leave it alone.
+        let config = mt_fs.scratch.path().join("mt.toml");
         std::fs::write(
             &config,
             format!("prune_interval_secs = 5\n[retention]\nmax_points = {MAX_POINTS}\n"),
@@ -201,13 +198,9 @@ impl Campaign {
         let cluster = Cluster::start(ClusterConfig {
             mt_state_dir: Some(mt_fs.fs.path("mt")),
             ps_spool_dir: Some(ps_fs.fs.path("spool")),
-            mt_extra: vec!["--config".into(), config.clone().into()],
+            mt_extra: vec!["--config".into(), config.into()],
             ..ClusterConfig::default()
         });
-        // The config is read at every start; keep it beside the cluster's files.
-        let kept_config = cluster.root().join("mt.toml");
-        std::fs::copy(&config, &kept_config).context("keep the config")?;
-        drop(config_dir);
         let backing = cluster.root().join("disk.img");
         make_mixed_image(&backing, disk_mib * MIB, seed);
         let initial = std::fs::read(&backing).context("read the initial disk")?;
@@ -233,24 +226,8 @@ impl Campaign {
             checked: BTreeMap::new(),
             agent_rule: String::new(),
         };
-        c.restart_mt_config(&kept_config);
         c.start_agent("")?;
         Ok(c)
-    }
-
-    /// Points the master target at the config kept in the cluster's root (the first
-    /// start read it from a scratch directory that is gone now).
-    fn restart_mt_config(&mut self, config: &Path) {
-        let config: OsString = config.into();
-        self.cluster.restart_mt_with(|spec| {
-            let mut args = spec.args_list().to_vec();
-            if let Some(i) = args.iter().position(|a| a == "--config") {
-                if let Some(v) = args.get_mut(i + 1) {
-                    *v = config;
-                }
-            }
-            spec.with_args(args)
-        });
     }
 
     fn rounds(&mut self, faults: u64) -> anyhow::Result<()> {
@@ -452,7 +429,13 @@ impl Campaign {
     /// Starts `role` again (SIGKILLing it if it still runs), without fault rules when
     /// `clean`, else with the ones it had.
     fn restart(&mut self, role: Role, clean: bool) -> anyhow::Result<()> {
-        let clear = |spec: DaemonSpec| spec.env(boomerang_common::faults::ENV, "");
+        let rules = |spec: DaemonSpec| {
+            if clean {
+                spec.env(boomerang_common::faults::ENV, "")
+            } else {
+                spec
+            }
+        };
         match role {
             Role::Agent => {
                 if let Some(a) = self.agent.take() {
@@ -465,20 +448,12 @@ impl Campaign {
                 };
                 self.start_agent(&rule)
             }
-            Role::Ps if clean => {
-                self.cluster.restart_ps_with(clear);
-                Ok(())
-            }
             Role::Ps => {
-                self.cluster.restart_ps_with(|s| s);
-                Ok(())
-            }
-            Role::Mt if clean => {
-                self.cluster.restart_mt_with(clear);
+                self.cluster.restart_ps_with(rules);
                 Ok(())
             }
             Role::Mt => {
-                self.cluster.restart_mt_with(|s| s);
+                self.cluster.restart_mt_with(rules);
                 Ok(())
             }
         }

@@ -183,6 +183,16 @@ impl AgentSyncArgs {
         args.extend(self.extra.iter().cloned());
         args
     }
+
+    /// The same disks and peers for `track --source intercept --serve-dir
+    /// <serve_dir>` (continuous tracking, each disk served as a FUSE file).
+    pub fn to_track_intercept_args(&self, serve_dir: &Path) -> Vec<OsString> {
+        let mut args = self.to_args();
+        args[0] = "track".into();
+        push_flag(&mut args, "--source", "intercept");
+        push_flag(&mut args, "--serve-dir", serve_dir);
+        args
+    }
 }
 
 /// `boomerang-mt status --state-dir S --json`.

@@ -225,16 +225,8 @@ impl Fixture {
     /// --crash-interval 1 --json`, plus `extra`.
     fn spawn_track(&self, extra: &[&str]) -> AgentProcess {
         let args = self.cluster.agent(AGENT).disk(DISK, &self.backing);
-        let mut argv = args.to_args();
-        assert_eq!(argv[0], "sync", "AgentSyncArgs starts with its subcommand");
-        argv[0] = "track".into();
-        argv.extend(
-            ["--source", "intercept", "--crash-interval", "1"]
-                .iter()
-                .map(OsString::from),
-        );
-        argv.push("--serve-dir".into());
-        argv.push(self.serve_dir.clone().into());
+        let mut argv = args.to_track_intercept_args(&self.serve_dir);
+        argv.extend(["--crash-interval", "1"].map(OsString::from));
         argv.extend(extra.iter().map(OsString::from));
         AgentProcess::spawn_command(
             &self.cluster,

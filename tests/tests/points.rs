@@ -174,12 +174,7 @@ impl Site {
                 self.fuse_mounts.push(LazyUnmountGuard::new(mountpoint));
             }
         }
-        let mut argv = args.to_args();
-        assert_eq!(argv[0], "sync", "AgentSyncArgs starts with its subcommand");
-        argv[0] = "track".into();
-        argv.extend(["--source", "intercept"].map(OsString::from));
-        argv.push("--serve-dir".into());
-        argv.push(serve_dir.into());
+        let mut argv = args.to_track_intercept_args(&serve_dir);
         argv.extend(extra.iter().map(OsString::from));
         AgentProcess::spawn_command(
             &self.cluster,

@@ -45,15 +45,8 @@ impl TrackingAgent {
         let mount = serve_dir.join(disk);
         // A killed agent leaves its FUSE mount dead; the next start refuses it.
         lazy_unmount(&mount);
-        let mut argv = args.to_args();
-        argv[0] = "track".into();
-        argv.extend(
-            ["--source", "intercept", "--crash-interval", "1"]
-                .iter()
-                .map(OsString::from),
-        );
-        argv.push("--serve-dir".into());
-        argv.push(serve_dir.into());
+        let mut argv = args.to_track_intercept_args(serve_dir);
+        argv.extend(["--crash-interval", "1"].map(OsString::from));
         let mut cmd: Command = boomerang_command(cli::AGENT_BIN, argv);
         for (k, v) in env {
             cmd.env(k, v);
