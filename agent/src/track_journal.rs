@@ -75,11 +75,7 @@ impl Syncer {
         for d in &cfg.disks {
             let mut disk = self.open_disk(&d.id, &d.path).await?;
             let size = disk.source.geometry().size;
-            let mut journal = Journal::open(
-                &cfg.state_dir.join("journal").join(&d.id),
-                cfg.journal_mib << 20,
-            )
-            .with_context(|| format!("opening the journal of disk {}", d.id))?;
+            let mut journal = self.open_journal(&d.id)?;
             if journal.recovery().set_aside.is_some() && !disk.state.get().tracking {
                 // Held records may be gone with the damage: the same as an unclean
                 // stop, so the disk is resynced in a new generation.
@@ -187,6 +183,11 @@ impl Syncer {
                 Action::Resync => {}
                 Action::ShutDown => break Ok(TrackStop::ShutDown),
                 Action::Forget => break Ok(TrackStop::Forgotten),
+            }
+            match self.resync_untrusted(&mut served, &mut report).await {
+                Ok(true) => schedule.crash_now(),
+                Ok(false) => {}
+                Err(e) => break Err(e),
             }
             match schedule.due() {
                 Some(DuePoint {
@@ -460,7 +461,6 @@ impl Syncer {
         outcome.and(appended)
     }
 
-    /// Ships every disk's journal (then, in bitmap mode, its dirty blocks).
     /// The replica was rolled back under the stream (a cancelled failover): every
     /// disk starts a new generation with a scan. What the journal holds so far is on
     /// the disk the scan reads, and its tags are no cuts of the new generation, so it
@@ -480,6 +480,60 @@ impl Syncer {
         Ok(())
     }
 
+    /// Opens (recovering it) the journal of disk `id`.
+    fn open_journal(&self, id: &str) -> anyhow::Result<Journal> {
+        let cfg = &self.config;
+        Journal::open(
+            &cfg.state_dir.join("journal").join(id),
+            cfg.journal_mib << 20,
+        )
+        .with_context(|| format!("opening the journal of disk {id}"))
+    }
+
+    /// Starts over every disk whose capture lost trust ([`Capture::resync_reason`]: a
+    /// failed journal fdatasync, which poisons the journal, a failed append, a failed
+    /// fdatasync of the backing disk): its journal is reopened from what is on disk
+    /// and released whole, the capture goes back to journal mode, and the disk is
+    /// resynced by scan in a new generation, as after an unclean stop. Without this
+    /// a poisoned journal keeps the disk in bitmap mode and no point is cut until the
+    /// agent restarts. A journal that cannot be reopened yet (the file system still
+    /// failing) is tried again on the next tick; the writes meanwhile go on in bitmap
+    /// mode. Returns whether any disk started over.
+    async fn resync_untrusted(
+        &self,
+        served: &mut [Served],
+        report: &mut TrackReport,
+    ) -> anyhow::Result<bool> {
+        let mut any = false;
+        for s in served.iter_mut() {
+            let Some(reason) = lock_capture(&s.capture).resync_reason().map(str::to_owned) else {
+                continue;
+            };
+            let bitmap = DirtyBitmap::new(s.disk.source.geometry().size);
+            // Under the capture lock: no write lands in either journal meanwhile.
+            let reopened = {
+                let mut cap = lock_capture(&s.capture);
+                self.open_journal(&s.disk.id)
+                    .and_then(|mut j| {
+                        j.release_all()
+                            .context("releasing the reopened journal's records")?;
+                        Ok(j)
+                    })
+                    .map(|j| cap.start_over(j, bitmap))
+            };
+            if let Err(e) = reopened {
+                warn!(disk = %s.disk.id, %reason, error = %format!("{e:#}"), "the capture lost trust and its journal cannot be reopened yet: writes go on in bitmap mode, trying again on the next tick");
+                continue;
+            }
+            warn!(disk = %s.disk.id, %reason, "the capture lost trust: journal reopened, new generation, resync by scan");
+            self.first_pass(&mut s.disk, now_ms(), true, false).await?;
+            report.resyncs += 1;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    /// Ships every disk's journal (then, in bitmap mode, its dirty blocks).
     async fn ship_journals(
         &self,
         served: &mut [Served],

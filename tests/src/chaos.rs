@@ -36,7 +36,7 @@ pub mod agent;
 pub mod faults;
 pub mod workload;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -168,12 +168,28 @@ struct Campaign {
     checked: BTreeMap<u64, Checked>,
     /// `BOOMERANG_FAULTS` the agent runs with.
     agent_rule: String,
+    /// Faults chosen by the caller, injected in this order before the seed picks any.
+    planned: VecDeque<Fault>,
 }
 
 /// Runs `faults` rounds from `seed` with a disk of `disk_mib` MiB, printing a line per
 /// round on stderr.
 pub fn run(seed: u64, faults: u64, disk_mib: u64) -> anyhow::Result<Summary> {
+    run_planned(seed, Vec::new(), faults, disk_mib)
+}
+
+/// Runs the campaign with `planned` as its first faults, in that order, then the
+/// seed's picks up to `faults` in all (at least as many as planned): for a test that
+/// needs one fault for sure.
+pub fn run_planned(
+    seed: u64,
+    planned: Vec<Fault>,
+    faults: u64,
+    disk_mib: u64,
+) -> anyhow::Result<Summary> {
+    let faults = faults.max(planned.len() as u64);
     let mut c = Campaign::start(seed, disk_mib)?;
+    c.planned = planned.into();
     let outcome = c.rounds(faults);
     if outcome.is_err() || c.summary.wrong > 0 {
         let kept = c.keep_logs();
@@ -225,6 +241,7 @@ impl Campaign {
             },
             checked: BTreeMap::new(),
             agent_rule: String::new(),
+            planned: VecDeque::new(),
         };
         c.start_agent("")?;
         Ok(c)
@@ -273,7 +290,10 @@ impl Campaign {
         let mut done: Vec<(Fault, bool)> = Vec::new();
         let mut last_fired_before = 0;
         for _ in 0..n {
-            let fault = faults::choose(&mut self.rng);
+            let fault = match self.planned.pop_front() {
+                Some(f) => f,
+                None => faults::choose(&mut self.rng),
+            };
             self.summary.faults += 1;
             *self.summary.kinds.entry(fault.kind()).or_default() += 1;
             *self.summary.roles.entry(fault.role().name()).or_default() += 1;

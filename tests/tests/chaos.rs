@@ -27,3 +27,35 @@ fn a_short_seeded_fault_campaign_loses_nothing() {
     assert!(summary.checked >= 6, "{summary}");
     assert_eq!(summary.wrong, 0, "{summary}");
 }
+
+/// The agent's journal failing under the workload (a failed fdatasync poisons it, a
+/// failed append drops the disk to the bitmap) makes the agent reopen the journal and
+/// resync in a new generation by itself: points go on without any restart (no stall),
+/// and every point is right.
+#[test]
+fn agent_journal_faults_resync_without_a_stall() {
+    use boomerang_tests::chaos::faults::{Fault, Role};
+    if !require_power_cut("agent_journal_faults_resync_without_a_stall") {
+        return;
+    }
+    let agent = |rule: &str| Fault::Storage {
+        role: Role::Agent,
+        rule: rule.to_string(),
+    };
+    // Two faults a round; arming a rule restarts the agent, so each round's journal
+    // sync fault comes second, where no restart follows it before the point is due.
+    let planned = vec![
+        agent("journal.write@2=eio"),
+        agent("journal.sync@1=eio"),
+        Fault::Kill(Role::Ps),
+        agent("journal.sync@2=enospc"),
+    ];
+    let summary =
+        boomerang_tests::chaos::run_planned(17, planned, 4, 16).expect("the campaign ran");
+    eprintln!("{}", summary.details());
+    eprintln!("{summary}");
+    assert_eq!(summary.faults, 4);
+    assert_eq!(summary.fired, 4, "every planned fault fired: {summary}");
+    assert_eq!(summary.wrong, 0, "{summary}");
+    assert_eq!(summary.stalls, 0, "{summary}");
+}

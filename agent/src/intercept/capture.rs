@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tracing::error;
 
-use crate::journal::{AppendError, CaptureState, Journal, JournalError, Mode};
+use crate::journal::{AppendError, CaptureState, DirtyBitmap, Journal, JournalError, Mode};
 
 /// Where one captured write went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +116,17 @@ impl Capture {
         self.resync_reason.as_deref()
     }
 
+    /// Starts the capture over after a loss of trust: `journal` (reopened, everything
+    /// in it released) replaces the old one, the disk is back in journal mode over
+    /// `bitmap` (a clean one), and the reason is cleared. The caller then resyncs the
+    /// disk by scan in a new generation: the scan reads every block, so what the old
+    /// journal and bitmap held is not needed, and writes from here on are journaled.
+    pub fn start_over(&mut self, journal: Journal, bitmap: DirtyBitmap) {
+        self.journal = journal;
+        self.state = CaptureState::new(bitmap);
+        self.resync_reason = None;
+    }
+
     /// Records why the generation cannot be trusted (the first reason is kept and
     /// logged; later ones are logged only).
     pub fn lost_trust(&mut self, reason: String) {
@@ -136,7 +147,7 @@ pub fn lock_capture(capture: &Mutex<Capture>) -> MutexGuard<'_, Capture> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{DirtyBitmap, Entry, BLOCK_SIZE as B};
+    use crate::journal::{Entry, BLOCK_SIZE as B};
 
     fn capture(dir: &std::path::Path, capacity: u64) -> Capture {
         let journal = Journal::open(dir, capacity).expect("open journal");
@@ -228,5 +239,33 @@ mod tests {
         assert!(c.state.bitmap().is_dirty(5 * B));
         assert_eq!(c.state.mode(), Mode::Bitmap);
         assert!(c.resync_reason().is_some_and(|r| r.contains("append")));
+    }
+
+    #[test]
+    fn a_failed_sync_poisons_until_the_capture_starts_over() {
+        use boomerang_common::faults;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = capture(dir.path(), 64 << 10);
+        assert_eq!(c.record_write("d", 0, &[1u8; 100]), Captured::Journaled(1));
+        let rule = faults::arm_under(dir.path(), "journal.sync@1=eio").expect("arm");
+        assert!(c.sync().is_err());
+        drop(rule);
+        assert!(c.resync_reason().is_some_and(|r| r.contains("sync")));
+        // Poisoned: every later write only marks its blocks, and no tag can be cut.
+        assert_eq!(c.record_write("d", 2 * B, &[2u8; 100]), Captured::Marked);
+        assert!(!c.state.crash_consistent_tags_allowed());
+        let mut reopened = Journal::open(dir.path(), 64 << 10).expect("reopen");
+        reopened.release_all().expect("release");
+        c.start_over(reopened, DirtyBitmap::new(1024 * B));
+        assert!(c.resync_reason().is_none());
+        assert_eq!(c.state.mode(), Mode::Journal);
+        assert!(c.state.crash_consistent_tags_allowed());
+        assert!(matches!(
+            c.record_write("d", 3 * B, &[3u8; 100]),
+            Captured::Journaled(_)
+        ));
+        assert!(c.sync().is_ok());
+        let held = c.journal.read_from(1, u64::MAX).expect("read");
+        assert_eq!(held.len(), 1, "only the write after the start over is held");
     }
 }
