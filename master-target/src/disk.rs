@@ -384,7 +384,8 @@ impl Disk {
     }
 
     /// Stops (with `reason`, told to senders) or resumes applying records; returns once
-    /// a record being applied has finished.
+    /// a record being applied has finished. A record waiting for the apply lock checks
+    /// the pause again once it has it, so nothing is applied after a pause returned.
     pub async fn set_paused(&self, reason: Option<String>) {
         *lock(&self.paused) = reason;
         drop(self.apply_lock.lock().await);
@@ -654,6 +655,14 @@ impl Disk {
                 let _guard = self.apply_lock.lock().await;
                 if *self.applied.borrow() != cur {
                     continue; // someone else moved first (a resend of the same record)
+                }
+                // Again under the lock: a pause taken while this waited for it has
+                // returned to its caller, which counts on nothing more being applied.
+                if let Some(reason) = self.paused() {
+                    return Err(ApplyError::Paused {
+                        disk: self.id.clone(),
+                        reason,
+                    });
                 }
                 {
                     let mut rec = lock(&self.record);
@@ -986,6 +995,36 @@ mod tests {
         let v = verify_batch(&batch(2, 1, 0, 2), 1 << 20).expect("verifies");
         disk.apply_batch(1, 2, v).await.expect_err("still poisoned");
         assert_eq!(read(dir.path(), 0), 1, "the replica is not written");
+    }
+
+    /// A pause taken while a batch waits for the apply lock (it passed the pause check
+    /// just before) holds: the batch is refused once it has the lock, never applied
+    /// after the pause returned.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_pause_taken_while_a_batch_waits_for_the_apply_lock_refuses_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = open(dir.path());
+        let held = disk.apply_lock.lock().await;
+        let apply = {
+            let d = disk.clone();
+            let v = verify_batch(&batch(0, 1, 0, 0xaa), 1 << 20).expect("verifies");
+            tokio::spawn(async move { d.apply_batch(1, 0, v).await })
+        };
+        // The batch passes the pause check and queues on the lock first.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let pause = {
+            let d = disk.clone();
+            tokio::spawn(async move { d.set_paused(Some("failing over".into())).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(held);
+        pause.await.expect("join pause");
+        let result = apply.await.expect("join apply");
+        assert!(
+            matches!(result, Err(ApplyError::Paused { .. })),
+            "applied after the pause: {result:?}"
+        );
+        assert_eq!(read(dir.path(), 0), 0, "the replica is not written");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
