@@ -8,7 +8,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
@@ -187,9 +187,36 @@ fn thaw_all(inner: &Mutex<Inner>) {
     }
 }
 
+/// Starts the thread that thaws whatever `inner` still holds once `deadline` has
+/// passed (the guard may be gone by then: nothing to do).
+fn start_watchdog(inner: &Arc<Mutex<Inner>>, deadline: Duration) -> Result<(), String> {
+    let watchdog = Arc::downgrade(inner);
+    std::thread::Builder::new()
+        .name("freeze-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(deadline);
+            if let Some(inner) = watchdog.upgrade() {
+                let held = {
+                    let mut g = lock(&inner);
+                    let held = !g.frozen.is_empty() || g.thaw_hook.is_some();
+                    // Under the lock the freeze loop checks: a mount that finishes
+                    // freezing after this is thawed by the loop itself.
+                    g.deadline_hit |= held;
+                    held
+                };
+                if held {
+                    error!(deadline_s = deadline.as_secs_f64(), "freeze deadline passed: thawing now, the app-consistent point is abandoned");
+                    thaw_all(&inner);
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the freeze watchdog: {e}"))
+}
+
 impl FreezeGuard {
     /// Freezes every mount point in order; on failure thaws those already frozen.
-    /// A watchdog thaws them all after `deadline`.
+    /// A watchdog thaws them all once `deadline` has passed since the first freeze.
     pub fn freeze(mounts: &[PathBuf], deadline: Duration) -> Result<Self, String> {
         Self::freeze_with_hooks(mounts, &Hooks::default(), deadline)
     }
@@ -208,6 +235,10 @@ impl FreezeGuard {
                 thaw_hook: None,
             })),
         };
+        // The deadline counts from the first freeze (the hook's or the first mount's):
+        // a slow hook or a slow mount must not keep what is already frozen past it.
+        let until = Instant::now() + deadline;
+        start_watchdog(&guard.inner, deadline)?;
         if let Some(hook) = &hooks.freeze {
             // The thaw hook undoes whatever part of the freeze hook ran, also when it
             // failed: it runs when `guard` drops.
@@ -215,7 +246,16 @@ impl FreezeGuard {
             run_hook("freeze", hook, deadline)?;
             info!(hook = %hook, "applications quiesced");
         }
+        let past = |m: &Path| {
+            format!(
+                "the freeze deadline of {deadline:?} passed while freezing {}: everything is thawed, the point is abandoned",
+                m.display()
+            )
+        };
         for m in mounts {
+            if Instant::now() >= until {
+                return Err(past(m));
+            }
             // On error `guard` drops here and thaws what is already frozen.
             ioctl(m, FIFREEZE).map_err(|e| {
                 format!(
@@ -223,27 +263,19 @@ impl FreezeGuard {
                     m.display()
                 )
             })?;
-            lock(&guard.inner).frozen.push(m.clone());
+            let mut g = lock(&guard.inner);
+            if g.deadline_hit || Instant::now() >= until {
+                // The watchdog thawed the others while this one froze: undo it too.
+                drop(g);
+                if let Err(e) = thaw(m) {
+                    warn!(mount = %m.display(), error = %e, "thaw failed; run `fsfreeze -u` on it");
+                }
+                return Err(past(m));
+            }
+            g.frozen.push(m.clone());
+            drop(g);
             info!(mount = %m.display(), "file system frozen");
         }
-        let watchdog = Arc::downgrade(&guard.inner);
-        std::thread::Builder::new()
-            .name("freeze-watchdog".into())
-            .spawn(move || {
-                std::thread::sleep(deadline);
-                if let Some(inner) = watchdog.upgrade() {
-                    let held = {
-                        let g = lock(&inner);
-                        !g.frozen.is_empty() || g.thaw_hook.is_some()
-                    };
-                    if held {
-                        error!(deadline_s = deadline.as_secs_f64(), "freeze deadline passed: thawing now, the app-consistent point is abandoned");
-                        lock(&inner).deadline_hit = true;
-                        thaw_all(&inner);
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start the freeze watchdog: {e}"))?;
         Ok(guard)
     }
 
@@ -303,6 +335,34 @@ mod tests {
             "freeze\nthaw\nhalf\nthaw\n",
             "a failed freeze hook is undone by the thaw hook"
         );
+        Ok(())
+    }
+
+    /// The deadline counts from the start of the freeze, the hook's time included: a
+    /// freeze hook that took most of it leaves only the rest before the thaw.
+    #[test]
+    fn the_deadline_counts_from_the_first_freeze() -> Result<(), String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let log = dir.path().join("thawed");
+        let hooks = Hooks {
+            freeze: Some("sleep 1.5".into()),
+            thaw: Some(format!("touch {}", log.display())),
+        };
+        let started = std::time::Instant::now();
+        let guard = FreezeGuard::freeze_with_hooks(&[], &hooks, Duration::from_secs(2))?;
+        // Held, not thawed by us: the watchdog must thaw 2 s after the start, not 2 s
+        // after the hook returned (3.5 s).
+        while !log.exists() && started.elapsed() < Duration::from_secs(6) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let at = started.elapsed();
+        assert!(log.exists(), "the watchdog never thawed");
+        assert!(guard.deadline_hit());
+        assert!(
+            at < Duration::from_millis(3000),
+            "thawed {at:?} after the start, past the 2 s deadline"
+        );
+        drop(guard);
         Ok(())
     }
 
