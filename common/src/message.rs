@@ -329,6 +329,9 @@ pub enum ErrorCode {
     Unavailable = 5,
     /// Anything else on the receiver's side.
     Internal = 6,
+    /// The record is no longer wanted and never will be (its disk's group was
+    /// committed at the master target): drop it, do not resend.
+    Gone = 7,
 }
 
 impl Message {

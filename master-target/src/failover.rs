@@ -802,6 +802,7 @@ mod tests {
     use super::*;
     use crate::disks::Disks;
     use crate::groups::group_path;
+    use boomerang_common::message::{ErrorCode, Message};
     use std::os::unix::fs::{FileExt, PermissionsExt};
 
     fn site(dir: &Path) -> Site {
@@ -878,6 +879,39 @@ mod tests {
             .await
             .expect_err("failover refused");
         assert!(format!("{e:#}").contains(&file), "{e:#}");
+    }
+
+    /// Records of a disk whose group was committed here are answered `Gone` (the
+    /// process server drops them); while a failover is pending they are answered
+    /// `Unavailable` (kept, tried again: a cancel resumes replication).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_of_a_committed_group_get_a_final_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let site = Arc::new(site(dir.path()));
+        let tag = Message::Tag(boomerang_common::message::Tag {
+            disk: "d0".into(),
+            generation: 1,
+            seq: 0,
+            kind: TagKind::CrashConsistent,
+            point_id: 1,
+            time_ms: 1,
+            group: "g".into(),
+        });
+        for (state, want) in [
+            (GroupState::FailoverPending, ErrorCode::Unavailable),
+            (GroupState::FailedBack, ErrorCode::Gone),
+            (GroupState::Reprotecting, ErrorCode::Gone),
+        ] {
+            site.groups
+                .update("g", |r| r.state = state)
+                .expect("store the record");
+            site.resume().await;
+            let answer = crate::server::handle(&site, tag.clone()).await;
+            match answer {
+                Message::Error { code, .. } => assert_eq!(code, want as u16, "{state:?}"),
+                other => panic!("{state:?}: answered {}", other.name()),
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

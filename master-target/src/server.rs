@@ -11,10 +11,10 @@ use boomerang_common::transport;
 use tracing::{debug, error, info, warn};
 
 use crate::config::MtConfig;
-use crate::disk::{verify_batch, Outcome};
+use crate::disk::{verify_batch, ApplyError, Disk, Outcome};
 use crate::disks::Disks;
 use crate::failover::Site;
-use crate::groups::Groups;
+use crate::groups::{GroupState, Groups};
 use std::time::Duration;
 
 /// Runs the master target until `shutdown` flips. Prints `listening on ADDR` on stdout
@@ -87,6 +87,27 @@ pub async fn run(config: MtConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     }
 }
 
+/// The answer to a record `disk` could not apply: `Gone` when it never will (the
+/// disk is paused because its group was committed here: its disks are live, or
+/// replicate the other way), so the process server drops it instead of holding it for
+/// ever; else `Unavailable` (kept and sent again: a pending failover may be cancelled,
+/// a full journal pruned).
+fn refusal(site: &Site, disk: &Disk, e: &ApplyError) -> Message {
+    let committed = matches!(e, ApplyError::Paused { .. })
+        && site
+            .groups
+            .record(&disk.record().group)
+            .is_ok_and(|g| matches!(g.state, GroupState::FailedBack | GroupState::Reprotecting));
+    if committed {
+        Message::error(
+            ErrorCode::Gone,
+            format!("{e}: the group was committed here; its records are no longer wanted"),
+        )
+    } else {
+        Message::error(ErrorCode::Unavailable, e.to_string())
+    }
+}
+
 /// Answers one request.
 pub async fn handle(site: &Arc<Site>, msg: Message) -> Message {
     let disks = &site.disks;
@@ -150,7 +171,7 @@ pub async fn handle(site: &Arc<Site>, msg: Message) -> Message {
                 }
                 Err(e) => {
                     warn!(error = %e, "apply failed");
-                    Message::error(ErrorCode::Unavailable, e.to_string())
+                    refusal(site, &disk, &e)
                 }
             }
         }
@@ -165,7 +186,7 @@ pub async fn handle(site: &Arc<Site>, msg: Message) -> Message {
                     generation: tag.generation,
                     seq: tag.seq,
                 },
-                Err(e) => Message::error(ErrorCode::Unavailable, e.to_string()),
+                Err(e) => refusal(site, &disk, &e),
             }
         }
         Message::Control {

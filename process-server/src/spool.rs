@@ -37,7 +37,7 @@
 //! acknowledges. A file system that fills before the cap (ENOSPC) is the same:
 //! the append waits until a record is freed (or a second passes) and tries again.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -552,11 +552,15 @@ impl Spool {
     /// generation. The master target applies strictly in order, so sending past a
     /// missing seq would only fill the window with records it must hold back while
     /// the missing one (still on its way from the agent) could not be sent.
+    ///
+    /// Disks in `held` are skipped this time (the master target could not take their
+    /// records yet; the others go on).
     pub fn next_unsent(
         &self,
         in_flight: &BTreeSet<Key>,
         max: usize,
         sent: &mut HashMap<String, (u64, u64)>,
+        held: &HashSet<String>,
     ) -> Vec<Key> {
         let idx = self.lock();
         let mut per_disk: BTreeMap<&str, Vec<&Key>> = BTreeMap::new();
@@ -566,7 +570,7 @@ impl Spool {
         let mut frontier: HashMap<&str, (u64, u64)> = HashMap::new();
         for key in idx.entries.keys() {
             let disk = key.0.as_str();
-            if blocked.contains(&(disk, key.1)) {
+            if held.contains(disk) || blocked.contains(&(disk, key.1)) {
                 continue;
             }
             let here = (key.1, key.2);
@@ -712,7 +716,7 @@ mod tests {
 
     fn held(spool: &Spool) -> Vec<u64> {
         spool
-            .next_unsent(&BTreeSet::new(), 1000, &mut HashMap::new())
+            .next_unsent(&BTreeSet::new(), 1000, &mut HashMap::new(), &HashSet::new())
             .iter()
             .map(|k| k.2)
             .collect()
@@ -924,7 +928,7 @@ mod tests {
         }
         drop(spool);
         let spool = Spool::open(dir.path(), 1 << 30).expect("reopen");
-        let keys = spool.next_unsent(&BTreeSet::new(), 100, &mut HashMap::new());
+        let keys = spool.next_unsent(&BTreeSet::new(), 100, &mut HashMap::new(), &HashSet::new());
         assert!(
             keys.iter().any(|k| k.2 == seq) && keys.iter().any(|k| k.2 == seq + 1),
             "{keys:?}"
@@ -945,7 +949,7 @@ mod tests {
                 let mut sent = HashMap::new();
                 let mut removed = 0u64;
                 while removed < total - 4 {
-                    for key in spool.next_unsent(&BTreeSet::new(), 8, &mut sent) {
+                    for key in spool.next_unsent(&BTreeSet::new(), 8, &mut sent, &HashSet::new()) {
                         if key.2 < total - 4
                             && spool
                                 .read(&key)
@@ -995,24 +999,24 @@ mod tests {
         let mut sent = HashMap::new();
         let seqs = |keys: Vec<Key>| keys.into_iter().map(|k| k.2).collect::<Vec<_>>();
         assert_eq!(
-            seqs(spool.next_unsent(&BTreeSet::new(), 10, &mut sent)),
+            seqs(spool.next_unsent(&BTreeSet::new(), 10, &mut sent, &HashSet::new())),
             vec![0, 1]
         );
         // 0 and 1 acknowledged; 3 and 4 must wait for 2.
         spool.remove(&("d0".to_string(), 1, 0));
         spool.remove(&("d0".to_string(), 1, 1));
         assert!(spool
-            .next_unsent(&BTreeSet::new(), 10, &mut sent)
+            .next_unsent(&BTreeSet::new(), 10, &mut sent, &HashSet::new())
             .is_empty());
         let m = tag(2);
         spool.append(&m, m.encode()).await.expect("append");
         assert_eq!(
-            seqs(spool.next_unsent(&BTreeSet::new(), 10, &mut sent)),
+            seqs(spool.next_unsent(&BTreeSet::new(), 10, &mut sent, &HashSet::new())),
             vec![2, 3, 4]
         );
         // A record sent before and still held (its forward failed) is eligible again.
         assert_eq!(
-            seqs(spool.next_unsent(&BTreeSet::new(), 10, &mut sent)),
+            seqs(spool.next_unsent(&BTreeSet::new(), 10, &mut sent, &HashSet::new())),
             vec![2, 3, 4]
         );
     }
@@ -1040,7 +1044,7 @@ mod tests {
         }
         let mut sent = HashMap::new();
         let keys: Vec<(u64, u64)> = spool
-            .next_unsent(&BTreeSet::new(), 10, &mut sent)
+            .next_unsent(&BTreeSet::new(), 10, &mut sent, &HashSet::new())
             .into_iter()
             .map(|k| (k.1, k.2))
             .collect();
@@ -1121,7 +1125,7 @@ mod tests {
         drop(spool);
         let spool = Spool::open(dir.path(), 64 << 20).expect("reopen");
         let keys: Vec<u64> = spool
-            .next_unsent(&BTreeSet::new(), 10, &mut HashMap::new())
+            .next_unsent(&BTreeSet::new(), 10, &mut HashMap::new(), &HashSet::new())
             .into_iter()
             .map(|k| k.2)
             .collect();
