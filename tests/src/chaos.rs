@@ -404,27 +404,14 @@ impl Campaign {
         }
     }
 
-    /// Restarts `role` with `rule` armed. A rule that fires while the role recovers
-    /// its state makes it refuse to start, as it should: then it starts clean.
+    /// Restarts `role` with `rule` armed (the agent stopped cleanly first).
     fn arm(&mut self, role: Role, rule: &str) -> anyhow::Result<()> {
-        let set = |spec: DaemonSpec| spec.env(boomerang_common::faults::ENV, rule);
-        let started = match role {
-            Role::Agent => {
-                if let Some(a) = self.agent.take() {
-                    a.stop();
-                }
-                self.start_agent(rule).is_ok()
+        if role == Role::Agent {
+            if let Some(a) = self.agent.take() {
+                a.stop();
             }
-            Role::Ps | Role::Mt => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                if role == Role::Ps {
-                    self.cluster.restart_ps_with(set);
-                } else {
-                    self.cluster.restart_mt_with(set);
-                }
-            }))
-            .is_ok(),
-        };
-        if !started {
+        }
+        if !self.start_armed(role, Some(rule)) {
             self.restart(role, true)?;
         }
         Ok(())
@@ -447,35 +434,63 @@ impl Campaign {
     }
 
     /// Starts `role` again (SIGKILLing it if it still runs), without fault rules when
-    /// `clean`, else with the ones it had.
+    /// `clean`, else with the ones it had. A rule that fires while the role recovers
+    /// its state makes it refuse to start, as it should: then it starts clean.
     fn restart(&mut self, role: Role, clean: bool) -> anyhow::Result<()> {
-        let rules = |spec: DaemonSpec| {
-            if clean {
-                spec.env(boomerang_common::faults::ENV, "")
-            } else {
-                spec
+        if !clean && self.start_armed(role, None) {
+            return Ok(());
+        }
+        let clean_rules = |spec: DaemonSpec| spec.env(boomerang_common::faults::ENV, "");
+        match role {
+            Role::Agent => {
+                if let Some(a) = self.agent.take() {
+                    a.kill9();
+                }
+                self.start_agent("")
             }
+            Role::Ps => {
+                self.cluster.restart_ps_with(clean_rules);
+                Ok(())
+            }
+            Role::Mt => {
+                self.cluster.restart_mt_with(clean_rules);
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts `role` again (SIGKILLing it if it still runs) with `rule` armed, or
+    /// with the rules it had when `None`; whether it started. A rule that fires while
+    /// the role recovers its state makes it refuse to start, as it should.
+    fn start_armed(&mut self, role: Role, rule: Option<&str>) -> bool {
+        let set = |spec: DaemonSpec| match rule {
+            Some(r) => spec.env(boomerang_common::faults::ENV, r),
+            None => spec,
         };
         match role {
             Role::Agent => {
                 if let Some(a) = self.agent.take() {
                     a.kill9();
                 }
-                let rule = if clean {
-                    String::new()
+                let rule = rule.map_or_else(|| self.agent_rule.clone(), str::to_string);
+                match self.start_agent(&rule) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        eprintln!(
+                            "the agent did not start with `{rule}` ({e:#}): starting it clean"
+                        );
+                        false
+                    }
+                }
+            }
+            Role::Ps | Role::Mt => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if role == Role::Ps {
+                    self.cluster.restart_ps_with(set);
                 } else {
-                    self.agent_rule.clone()
-                };
-                self.start_agent(&rule)
-            }
-            Role::Ps => {
-                self.cluster.restart_ps_with(rules);
-                Ok(())
-            }
-            Role::Mt => {
-                self.cluster.restart_mt_with(rules);
-                Ok(())
-            }
+                    self.cluster.restart_mt_with(set);
+                }
+            }))
+            .is_ok(),
         }
     }
 
