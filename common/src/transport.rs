@@ -166,22 +166,39 @@ fn bind_socket(addr: SocketAddr) -> Result<UdpSocket, TransportError> {
     Ok(sock)
 }
 
-/// The stateless-reset key, derived from this node's private key so it survives a
-/// restart: a process restarted on the same address then answers packets of its old
-/// connections with a reset, and its peers reconnect at once instead of waiting for
-/// the idle timeout.
-fn reset_key(m: &Material) -> Arc<dyn quinn::crypto::HmacKey> {
+/// What a node needs to answer its old connections after a restart, derived from its
+/// private key so that it survives one: the stateless-reset key, and the key of the
+/// connection-id generator (quinn's default generator hashes each id with a random
+/// key, so a restarted process would take its own old ids for forged ones and drop
+/// their packets without a reset). A process restarted on the same address then
+/// answers packets of its old connections with a reset, and its peers reconnect at
+/// once instead of waiting for the idle timeout.
+struct RestartKeys {
+    reset: Arc<dyn quinn::crypto::HmacKey>,
+    cid: u64,
+}
+
+fn restart_keys(m: &Material) -> RestartKeys {
     let seed = blake3::derive_key(
         "boomerang 2026-11 QUIC stateless reset key",
         m.key.secret_der(),
     );
-    Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed))
+    let cid = blake3::derive_key(
+        "boomerang 2026-12 QUIC connection id key",
+        m.key.secret_der(),
+    );
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&cid[..8]);
+    RestartKeys {
+        reset: Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed)),
+        cid: u64::from_le_bytes(first),
+    }
 }
 
 fn endpoint(
     sock: UdpSocket,
     server: Option<quinn::ServerConfig>,
-    reset: Arc<dyn quinn::crypto::HmacKey>,
+    keys: RestartKeys,
 ) -> Result<Endpoint, TransportError> {
     let addr = sock.local_addr().map_err(|source| TransportError::Bind {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -189,7 +206,12 @@ fn endpoint(
     })?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| TransportError::Config("no async runtime for QUIC".into()))?;
-    Endpoint::new(EndpointConfig::new(reset), server, sock, runtime)
+    let mut config = EndpointConfig::new(keys.reset);
+    let cid_key = keys.cid;
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Endpoint::new(config, server, sock, runtime)
         .map_err(|source| TransportError::Bind { addr, source })
 }
 
@@ -227,7 +249,7 @@ pub fn server_endpoint(addr: SocketAddr, tls: &TlsPaths) -> Result<Endpoint, Tra
         QuicServerConfig::try_from(crypto).map_err(|e| TransportError::Config(e.to_string()))?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
     sc.transport_config(transport_config());
-    let mut ep = endpoint(bind_socket(addr)?, Some(sc), reset_key(&m))?;
+    let mut ep = endpoint(bind_socket(addr)?, Some(sc), restart_keys(&m))?;
     ep.set_default_client_config(client_config(&m)?);
     Ok(ep)
 }
@@ -238,7 +260,7 @@ pub fn client_endpoint(tls: &TlsPaths) -> Result<Endpoint, TransportError> {
     let mut ep = endpoint(
         bind_socket(SocketAddr::from(([0, 0, 0, 0], 0)))?,
         None,
-        reset_key(&m),
+        restart_keys(&m),
     )?;
     ep.set_default_client_config(client_config(&m)?);
     Ok(ep)
@@ -596,5 +618,101 @@ where
                 debug!(error = %e, "could not answer");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki;
+
+    fn tls(dir: &std::path::Path, role: Role, name: &str) -> TlsPaths {
+        let (cert, key) = pki::issue(dir, role, name, dir).expect("issue");
+        TlsPaths {
+            ca: dir.join("ca.pem"),
+            cert,
+            key,
+        }
+    }
+
+    fn hello(role: Role, name: &str) -> Message {
+        Message::Hello {
+            role,
+            name: name.into(),
+            software: "test".into(),
+        }
+    }
+
+    /// A server on its own runtime, answering every request with its hello.
+    fn start_server(addr: SocketAddr, tls: &TlsPaths) -> (tokio::runtime::Runtime, SocketAddr) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("server runtime");
+        let ep = rt
+            .block_on(async { server_endpoint(addr, tls) })
+            .expect("server endpoint");
+        let bound = ep.local_addr().expect("addr");
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        rt.spawn(async move {
+            let _stop = stop;
+            serve(
+                &ep,
+                &[Role::Ps],
+                hello(Role::Mt, "mt1"),
+                shutdown,
+                |_m, _f| async { hello(Role::Mt, "mt1") },
+            )
+            .await;
+        });
+        (rt, bound)
+    }
+
+    /// A server killed without a close and started again on the same address answers
+    /// its old connections' packets with a stateless reset (its reset key comes from
+    /// its private key), so a client learns at once that the connection is gone
+    /// instead of waiting out the idle timeout.
+    #[test]
+    fn a_restarted_server_resets_its_old_connections() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        pki::init_ca(dir.path()).expect("ca");
+        let server_tls = tls(dir.path(), Role::Mt, "mt1");
+        let client_tls = tls(dir.path(), Role::Ps, "ps1");
+        let (server, addr) = start_server("127.0.0.1:0".parse().expect("addr"), &server_tls);
+        let client = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("client runtime");
+        let conn = client.block_on(async {
+            let ep = client_endpoint(&client_tls).expect("client endpoint");
+            let conn = connect(&ep, addr, Role::Mt, &hello(Role::Ps, "ps1"))
+                .await
+                .expect("connect");
+            request(&conn, &hello(Role::Ps, "ps1"))
+                .await
+                .expect("request");
+            conn
+        });
+        // Killed: its tasks and socket go without a word to the client.
+        server.shutdown_background();
+        let (_again, _) = start_server(addr, &server_tls);
+        let reason = client.block_on(async {
+            // The next packet the client sends (a request, a keep-alive) meets the
+            // new process.
+            let _ = tokio::time::timeout(
+                Duration::from_millis(500),
+                request(&conn, &hello(Role::Ps, "ps1")),
+            )
+            .await;
+            tokio::time::timeout(Duration::from_secs(30), conn.closed())
+                .await
+                .expect("the connection ends")
+        });
+        assert!(
+            matches!(reason, quinn::ConnectionError::Reset),
+            "the old connection ended with {reason:?}, not a stateless reset"
+        );
     }
 }
