@@ -45,6 +45,26 @@ pub struct Position {
     pub next_seq: u64,
 }
 
+/// Generations per epoch. The agent numbers its generations one after the other from
+/// what the master target reports; when the master target must refuse every
+/// generation an agent may have begun so far (a replica rolled back in place, whose
+/// stream no longer describes it), it moves the disk to the start of the next epoch
+/// ([`Position::next_epoch`]): every older generation is then obsolete, whatever the
+/// agent began while the disk was paused, and the agent's next one is above it.
+pub const EPOCH: u64 = 1 << 32;
+
+impl Position {
+    /// The start of the epoch after `generation`'s: a durable generation floor. Every
+    /// record of a generation below it is obsolete (answered, never applied), and no
+    /// agent has used it, as an agent only goes one generation past what it was told.
+    pub fn next_epoch(generation: u64) -> Position {
+        Position {
+            generation: (generation / EPOCH).saturating_add(1).saturating_mul(EPOCH),
+            next_seq: 0,
+        }
+    }
+}
+
 /// The cut a consistent replica holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cut {

@@ -250,17 +250,16 @@ impl Site {
                 // Rolled in place, the replica leaves every point after this one
                 // behind, and the stream it received no longer describes it: first
                 // (durably) the later points go and whatever is sent next must be a
-                // new generation that resyncs; then the roll (idempotent, redone after
+                // new generation, past every one begun so far, that resyncs; then the roll (idempotent, redone after
                 // a crash). Points before this one stay exact throughout.
                 let keep = cut.clone();
                 d.update_record(|r| {
                     r.points
                         .retain(|c| c.lsn < keep.lsn || c.point_id == keep.point_id);
                     r.cut = Some(keep.clone());
-                    r.position = Position {
-                        generation: r.position.generation + 1,
-                        next_seq: 0,
-                    };
+                    // Not just the next generation: the agent may have begun that
+                    // one (or more) already, with records on their way.
+                    r.position = Position::next_epoch(r.position.generation);
                     r.resync_required = true;
                 })
                 .await?;
@@ -580,10 +579,7 @@ impl Site {
                     r.replica.clone_from(t);
                 }
                 if r.position.generation <= keep.generation {
-                    r.position = Position {
-                        generation: keep.generation + 1,
-                        next_seq: 0,
-                    };
+                    r.position = Position::next_epoch(keep.generation);
                 }
             })
             .await?;
@@ -912,6 +908,74 @@ mod tests {
                 other => panic!("{state:?}: answered {}", other.name()),
             }
         }
+    }
+
+    /// A batch of chunk 0 filled with `fill`, as the agent would send it.
+    fn batch(generation: u64, seq: u64, fill: u8) -> Message {
+        let data = vec![fill; 65536];
+        let mut enc = boomerang_common::delta::ExtentEncoder::new(1).expect("zstd");
+        Message::Batch(boomerang_common::Batch {
+            disk: "d0".into(),
+            generation,
+            seq,
+            extents: vec![enc.encode(0, &data, boomerang_common::ChunkHash::of(&data))],
+        })
+    }
+
+    fn tag(generation: u64, seq: u64, point_id: u64) -> Message {
+        Message::Tag(boomerang_common::message::Tag {
+            disk: "d0".into(),
+            generation,
+            seq,
+            kind: TagKind::CrashConsistent,
+            point_id,
+            time_ms: point_id,
+            group: "g".into(),
+        })
+    }
+
+    fn first_byte(site: &Site) -> u8 {
+        let d = site.disks.get("d0").expect("disk");
+        let mut b = [0u8; 1];
+        d.replica().read_at(0, &mut b).expect("read the replica");
+        b[0]
+    }
+
+    /// Issue 9 defect 5: the agent had started generation 2 (its records waited in the
+    /// process server's spool) when the group failed over in place to a point of
+    /// generation 1 and the failover was cancelled. Those generation-2 records must
+    /// not land on the rolled-back replica: the agent resyncs in a newer generation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_of_a_generation_begun_before_an_in_place_failover_are_obsolete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let site = Arc::new(site(dir.path()));
+        for m in [batch(1, 0, 1), tag(1, 1, 10)] {
+            let a = crate::server::handle(&site, m).await;
+            assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
+        }
+        let ev = events();
+        site.failover("g", PointChoice::Id(10), BTreeMap::new(), &ev)
+            .await
+            .expect("failover in place");
+        site.cancel("g", &ev).await.expect("cancel");
+        // The stale generation-2 records arrive now, then a tag of theirs.
+        for m in [batch(2, 0, 0xee), tag(2, 1, 20)] {
+            let _ = crate::server::handle(&site, m).await;
+        }
+        assert_eq!(first_byte(&site), 1, "a stale generation was applied");
+        assert!(
+            site.points("g").iter().all(|p| p.id != 20),
+            "a point of the stale generation was listed"
+        );
+        // The agent's next generation, chosen from what the master target says now,
+        // is taken.
+        let d = site.disks.get("d0").expect("disk");
+        let next = d.record().position.generation.max(2) + 1;
+        for m in [batch(next, 0, 3), tag(next, 1, 30)] {
+            let a = crate::server::handle(&site, m).await;
+            assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
+        }
+        assert_eq!(first_byte(&site), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
