@@ -144,7 +144,7 @@ fn log_directive(group: &str, action: Action) {
             warn!(%group, "the master target committed the group's failover: stopping replication")
         }
         Action::Resync => {
-            warn!(%group, "the master target rolled a replica back (a failover was cancelled): new generation, resync by scan")
+            warn!(%group, "the master target asks for a new generation (a replica was rolled back, or the stream has a record it will never get): resync by scan")
         }
     }
 }

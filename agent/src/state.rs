@@ -50,6 +50,10 @@ pub struct DiskProgress {
     /// state before anything else happens, so it is adopted at most once.
     #[serde(default)]
     pub trace_handover: Option<crate::trace::Handover>,
+    /// The master target stopped at a hole in this generation's stream that nothing
+    /// will fill (a record refused or lost): the next run starts a new generation.
+    #[serde(default)]
+    pub hole: bool,
 }
 
 impl DiskProgress {
@@ -64,6 +68,7 @@ impl DiskProgress {
             tracking: false,
             size: 0,
             trace_handover: None,
+            hole: false,
         }
     }
 }

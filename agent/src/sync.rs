@@ -37,6 +37,10 @@ use crate::state::{self, DiskProgress, PassState};
 
 /// Bytes of disk covered by one manifest request.
 const MANIFEST_SPAN: u64 = 256 << 20;
+/// How long `drain` waits for the master target to move at all before it gives up
+/// (longer than the master target's gap timeout, 120 s); the next run then starts a
+/// new generation ([`DiskProgress::hole`]).
+const DRAIN_STALL: Duration = Duration::from_secs(180);
 
 /// What one disk's sync did.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -276,6 +280,7 @@ impl Syncer {
                 generation,
                 next_seq: 0,
                 pass: None,
+                hole: false,
                 ..progress
             };
         }
@@ -461,6 +466,7 @@ impl Syncer {
         let generation = disk.state.get().generation;
         let started = Instant::now();
         let mut last_log = Instant::now();
+        let mut progress = (None, Instant::now());
         loop {
             self.check_shutdown()?;
             let remote = self.disk_state(disk).await?;
@@ -469,6 +475,21 @@ impl Syncer {
             {
                 info!(disk = %disk.id, secs = started.elapsed().as_secs_f64(), "master target holds the pass");
                 return Ok(());
+            }
+            let at = Some((remote.generation, remote.next_seq));
+            if at != progress.0 {
+                progress = (at, Instant::now());
+            } else if progress.1.elapsed() > DRAIN_STALL {
+                let mut p = disk.state.get().clone();
+                p.hole = true;
+                disk.state.store(p)?;
+                bail!(
+                    "the master target has not moved past seq {} of disk {} (generation {}) for {} s: a record it needs was refused or lost (a process server restart forgets refusals); run the sync again: it starts a new generation",
+                    remote.next_seq,
+                    disk.id,
+                    remote.generation,
+                    DRAIN_STALL.as_secs()
+                );
             }
             for seq in remote.resend {
                 self.resend(disk, seq).await?;
@@ -663,11 +684,13 @@ impl Syncer {
 /// Whether continuous tracking of `disk` stopped uncleanly (the flag is set while it
 /// runs): then writes may have been missed and a new generation must start.
 pub(crate) fn unclean_tracking(disk: &DiskCtx) -> bool {
-    let unclean = disk.state.get().tracking;
-    if unclean {
+    let state = disk.state.get();
+    if state.tracking {
         warn!(disk = %disk.id, "the agent stopped uncleanly while tracking writes: changes may have been missed, resyncing in a new generation");
+    } else if state.hole {
+        warn!(disk = %disk.id, "the last run left a hole in the stream that the master target could not get past: resyncing in a new generation");
     }
-    unclean
+    state.tracking || state.hole
 }
 
 /// A task aborted when its handle is dropped.

@@ -461,8 +461,9 @@ impl Syncer {
         outcome.and(appended)
     }
 
-    /// The replica was rolled back under the stream (a cancelled failover): every
-    /// disk starts a new generation with a scan. What the journal holds so far is on
+    /// The master target asks for a new generation (a replica rolled back under the
+    /// stream by a cancelled failover, or a record refused or lost that nothing will
+    /// send again): every disk starts a new generation with a scan. What the journal holds so far is on
     /// the disk the scan reads, and its tags are no cuts of the new generation, so it
     /// is released unshipped; writes from here on are journaled and shipped after the
     /// scan, and the next crash-consistent tag makes the replica consistent again.
@@ -473,7 +474,7 @@ impl Syncer {
     ) -> anyhow::Result<()> {
         for s in served.iter_mut() {
             lock_capture(&s.capture).journal.release_all()?;
-            warn!(disk = %s.disk.id, "the replica was rolled back at the master target: new generation, resync by scan");
+            warn!(disk = %s.disk.id, "the master target asks for a new generation: resync by scan");
             self.first_pass(&mut s.disk, now_ms(), true, false).await?;
             report.resyncs += 1;
         }

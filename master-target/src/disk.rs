@@ -108,8 +108,10 @@ pub struct DiskRecord {
     /// first (at most [`MAX_POINTS`]; the retention executor prunes them).
     #[serde(default)]
     pub points: Vec<Cut>,
-    /// The replica was rolled back under the stream: the agent must start a new
-    /// generation (it is told so when it checks in); cleared when one starts.
+    /// The agent must start a new generation (it is told so when it checks in): the
+    /// replica was rolled back under the stream, or the stream has a hole nothing
+    /// will fill (a batch refused for integrity, a gap that outlived the timeout).
+    /// Cleared when one starts.
     #[serde(default)]
     pub resync_required: bool,
     /// Batches refused because an extent failed its hash.
@@ -528,9 +530,35 @@ impl Disk {
             .map_err(|e| io("store disk record", std::io::Error::other(e)))
     }
 
-    /// Counts a refused batch and persists the count.
-    pub fn count_integrity_failure(&self) {
-        lock(&self.record).integrity_failures += 1;
+    /// Counts a batch of `generation` refused for integrity and persists the count.
+    /// The process server drops a refused batch, and a continuous source cannot build
+    /// it again, so a refusal in the current generation (or a newer one) also asks the
+    /// agent for a new generation ([`DiskRecord::resync_required`]).
+    pub fn count_integrity_failure(&self, generation: u64) {
+        {
+            let mut rec = lock(&self.record);
+            rec.integrity_failures += 1;
+            if generation >= rec.position.generation && !rec.resync_required {
+                warn!(disk = %self.id, generation, "a batch was refused for integrity: the agent is asked for a new generation at its next check-in");
+                rec.resync_required = true;
+            }
+        }
+        self.dirty.store(true, Ordering::SeqCst);
+        self.flush_kick.notify_one();
+    }
+
+    /// A gap in the stream did not fill within [`GAP_TIMEOUT`]: its record was
+    /// refused and dropped, or lost with a process server's memory, and nothing will
+    /// send it again; the agent is asked for a new generation at its next check-in.
+    fn gap_never_filled(&self, generation: u64, want: u64) {
+        {
+            let mut rec = lock(&self.record);
+            if generation < rec.position.generation || rec.resync_required {
+                return;
+            }
+            warn!(disk = %self.id, generation, want, secs = GAP_TIMEOUT.as_secs(), "the stream has a gap that did not fill: the agent is asked for a new generation at its next check-in");
+            rec.resync_required = true;
+        }
         self.dirty.store(true, Ordering::SeqCst);
         self.flush_kick.notify_one();
     }
@@ -721,13 +749,14 @@ impl Disk {
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) | Err(_) => {
+                    self.gap_never_filled(generation, want);
                     return Err(ApplyError::Gap {
                         disk: self.id.clone(),
                         generation,
                         want,
                         seq,
                         secs: GAP_TIMEOUT.as_secs(),
-                    })
+                    });
                 }
             }
         }
@@ -1045,6 +1074,28 @@ mod tests {
             "applied after the pause: {result:?}"
         );
         assert_eq!(read(dir.path(), 0), 0, "the replica is not written");
+    }
+
+    /// A record that waited out the gap timeout for its predecessor (refused and
+    /// dropped, or lost from a process server's memory with a restart) asks the agent
+    /// for a new generation: nothing else would ever fill the gap.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_gap_that_never_fills_asks_for_a_resync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = open(dir.path());
+        let v = verify_batch(&batch(0, 1, 0, 1), 1 << 20).expect("verifies");
+        disk.apply_batch(1, 0, v).await.expect("seq 0");
+        assert!(!disk.record().resync_required);
+        let v = verify_batch(&batch(2, 1, 0, 2), 1 << 20).expect("verifies");
+        let err = disk
+            .apply_batch(1, 2, v)
+            .await
+            .expect_err("seq 1 never comes");
+        assert!(matches!(err, ApplyError::Gap { .. }), "{err}");
+        assert!(
+            disk.record().resync_required,
+            "the agent is not asked to resync"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -798,7 +798,7 @@ mod tests {
     use super::*;
     use crate::disks::Disks;
     use crate::groups::group_path;
-    use boomerang_common::message::{ErrorCode, Message};
+    use boomerang_common::message::{Action, ErrorCode, Message};
     use std::os::unix::fs::{FileExt, PermissionsExt};
 
     fn site(dir: &Path) -> Site {
@@ -976,6 +976,46 @@ mod tests {
             assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
         }
         assert_eq!(first_byte(&site), 3);
+    }
+
+    fn check_in() -> Message {
+        Message::Control {
+            group: "g".into(),
+            agent: "a".into(),
+            disks: vec!["d0".into()],
+            shut_down: false,
+        }
+    }
+
+    /// Issue 9 defect 2: a batch refused for integrity is dropped by the process
+    /// server, and a continuous source cannot build it again; the master target asks
+    /// the agent for a new generation at its next check-in instead of waiting at the
+    /// gap for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_refused_for_integrity_asks_the_agent_to_resync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let site = Arc::new(site(dir.path()));
+        let a = crate::server::handle(&site, batch(1, 0, 1)).await;
+        assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
+        let mut bad = batch(1, 1, 2);
+        if let Message::Batch(b) = &mut bad {
+            b.extents[0].hash = boomerang_common::ChunkHash::of(b"something else");
+        }
+        match crate::server::handle(&site, bad).await {
+            Message::Error { code, .. } => assert_eq!(code, ErrorCode::IntegrityFailure as u16),
+            other => panic!("answered {}", other.name()),
+        }
+        match crate::server::handle(&site, check_in()).await {
+            Message::Directive { action } => assert_eq!(action, Action::Resync),
+            other => panic!("answered {}", other.name()),
+        }
+        // The new generation clears it.
+        let a = crate::server::handle(&site, batch(2, 0, 3)).await;
+        assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
+        match crate::server::handle(&site, check_in()).await {
+            Message::Directive { action } => assert_eq!(action, Action::Continue),
+            other => panic!("answered {}", other.name()),
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,7 +152,7 @@ pub async fn handle(site: &Arc<Site>, msg: Message) -> Message {
             {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => {
-                    disk.count_integrity_failure();
+                    disk.count_integrity_failure(generation);
                     warn!(disk = %id, generation, seq, error = %e, "batch refused: integrity check failed; nothing written, the sender will resend");
                     return Message::error(ErrorCode::IntegrityFailure, e.to_string());
                 }
