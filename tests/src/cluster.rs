@@ -326,11 +326,12 @@ impl Cluster {
     }
 }
 
-/// A Boomerang binary command with `RUST_LOG=info` and `RUST_BACKTRACE=1`.
+/// A Boomerang binary command with `RUST_LOG` from
+/// [`daemon_log_filter`](crate::process::daemon_log_filter) and `RUST_BACKTRACE=1`.
 pub fn boomerang_command(name: &str, args: Vec<OsString>) -> Command {
     let mut cmd = Command::new(bin(name));
     cmd.args(args)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", crate::process::daemon_log_filter())
         .env("RUST_BACKTRACE", "1");
     cmd
 }

@@ -227,9 +227,16 @@ pub struct DaemonSpec {
     ready_timeout: Duration,
 }
 
+/// The daemons' log filter: `info`, or `BOOMERANG_TEST_RUST_LOG` when set (e.g.
+/// `info,boomerang_ps::forward=debug` to see every record the process server could
+/// not forward yet, when a campaign stalls).
+pub fn daemon_log_filter() -> String {
+    std::env::var("BOOMERANG_TEST_RUST_LOG").unwrap_or_else(|_| "info".into())
+}
+
 impl DaemonSpec {
-    /// Runs `program`, logging to `<log_dir>/<label>.log`, with `RUST_LOG=info`,
-    /// `RUST_BACKTRACE=1`, and waiting up to [`READY_TIMEOUT`] for the readiness line
+    /// Runs `program`, logging to `<log_dir>/<label>.log`, with `RUST_LOG` from
+    /// [`daemon_log_filter`], `RUST_BACKTRACE=1`, and waiting up to [`READY_TIMEOUT`] for the readiness line
     /// [`cli::READY_PREFIX`]`<addr>` on stdout.
     pub fn new(label: &str, program: impl Into<PathBuf>, log_dir: &Path) -> Self {
         DaemonSpec {
@@ -237,7 +244,7 @@ impl DaemonSpec {
             program: program.into(),
             args: Vec::new(),
             env: vec![
-                ("RUST_LOG".into(), "info".into()),
+                ("RUST_LOG".into(), daemon_log_filter().into()),
                 ("RUST_BACKTRACE".into(), "1".into()),
             ],
             log_path: log_dir.join(format!("{label}.log")),
