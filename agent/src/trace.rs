@@ -647,6 +647,18 @@ impl Tracer {
         }
     }
 
+    /// Puts a snapshot taken with [`Tracer::take`] back, for a point that could not
+    /// use it (another disk failed its sync point, a block could not be read): its
+    /// ranges are shipped with the next take. Discards come back as writes, so that a
+    /// write made since is never overridden by zeros (the content is read at shipping:
+    /// still zeros where the discard holds).
+    pub fn put_back(&self, snap: &DirtySnapshot) {
+        let mut st = self.shared.lock();
+        for &(offset, len) in snap.writes.iter().chain(&snap.discards) {
+            st.dirty.write(offset, len);
+        }
+    }
+
     /// Declares tracking lost from outside (the replica no longer holds what was
     /// shipped): the owner resyncs as for lost events.
     pub fn mark_lost(&self, reason: &str) {

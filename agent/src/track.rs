@@ -610,30 +610,43 @@ impl Syncer {
 
     /// While paused: wait for the tracers to read everything queued, take the dirty
     /// sets, read the blocks. Fails (the point is abandoned) on a lost tracer or when
-    /// too much is dirty to read within the pause.
+    /// too much is dirty to read within the pause. Nothing taken is ever dropped: every
+    /// tracer reaches its sync point before any set is taken, and the sets taken go
+    /// back to their tracers when a block cannot be read (shipped at the next step).
     async fn capture(
         &self,
         disks: &mut [Tracked],
         deadline: Duration,
     ) -> anyhow::Result<Vec<Vec<Vec<Extent>>>> {
-        let mut snaps = Vec::new();
         for t in disks.iter() {
             t.tracer
                 .sync_point(deadline / 2)
                 .map_err(|e| anyhow!("disk {}: {e}", t.disk.id))?;
-            snaps.push(t.tracer.take());
         }
+        let snaps: Vec<DirtySnapshot> = disks.iter().map(|t| t.tracer.take()).collect();
+        let put_back = |disks: &[Tracked]| {
+            for (t, snap) in disks.iter().zip(&snaps) {
+                t.tracer.put_back(snap);
+            }
+        };
         let dirty: u64 = snaps
             .iter()
             .flat_map(|s| s.writes.iter())
             .map(|(_, l)| l)
             .sum();
         if dirty > MAX_PAUSED_BYTES {
-            // Put nothing back: ship it all now, without a tag.
+            // Ship it all now, without a tag; on a failure every set goes back (what
+            // was shipped already is only shipped again).
             for (t, snap) in disks.iter_mut().zip(&snaps) {
-                let frames = self.build(&t.disk, snap).await?;
                 let mut scratch = TrackReport::default();
-                self.ship(&mut t.disk, frames, &mut scratch).await?;
+                let shipped = match self.build(&t.disk, snap).await {
+                    Ok(frames) => self.ship(&mut t.disk, frames, &mut scratch).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = shipped {
+                    put_back(disks);
+                    return Err(e);
+                }
             }
             bail!(
                 "{} MiB dirty at the pause, more than {} MiB: point postponed",
@@ -643,7 +656,13 @@ impl Syncer {
         }
         let mut out = Vec::new();
         for (t, snap) in disks.iter().zip(&snaps) {
-            out.push(self.build(&t.disk, snap).await?);
+            match self.build(&t.disk, snap).await {
+                Ok(frames) => out.push(frames),
+                Err(e) => {
+                    put_back(disks);
+                    return Err(e);
+                }
+            }
         }
         Ok(out)
     }
