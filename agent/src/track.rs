@@ -55,6 +55,8 @@ const MAX_PAUSED_BYTES: u64 = 64 << 20;
 pub struct TrackReport {
     /// Batches shipped after the first pass.
     pub batches: u64,
+    /// Most batches of one disk in flight at once (awaiting the process server's ack).
+    pub peak_in_flight: u64,
     /// Raw bytes of dirty blocks shipped.
     pub bytes_shipped: u64,
     /// Consistency points tagged.
@@ -756,6 +758,8 @@ impl Syncer {
         let window = std::sync::Arc::new(tokio::sync::Semaphore::new(self.config.in_flight));
         let mut sends = JoinSet::new();
         let count = batches.len() as u64;
+        let flying = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         for (i, extents) in batches.into_iter().enumerate() {
             let batch = Batch {
                 disk: disk.id.clone(),
@@ -767,8 +771,12 @@ impl Syncer {
             let frame = Message::Batch(batch).encode();
             let permit = window.clone().acquire_owned().await?;
             let link = self.link.clone();
+            let (flying, peak) = (flying.clone(), peak.clone());
             sends.spawn(async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                peak.fetch_max(flying.fetch_add(1, SeqCst) + 1, SeqCst);
                 let r = link.request(frame).await;
+                flying.fetch_sub(1, SeqCst);
                 drop(permit);
                 r
             });
@@ -786,6 +794,9 @@ impl Syncer {
             }
         }
         report.batches += count;
+        report.peak_in_flight = report
+            .peak_in_flight
+            .max(peak.load(std::sync::atomic::Ordering::SeqCst));
         let mut p = disk.state.get().clone();
         p.next_seq = base + count;
         disk.state.store(p)?;

@@ -551,17 +551,21 @@ impl Syncer {
                     break;
                 };
                 let items = self.journal_items(records).await?;
+                // The batches between two tags go out together, with the send window
+                // (several in flight); a tag follows the batches before it.
+                let mut batches = Vec::new();
                 for item in items {
                     match item {
-                        Item::Batch(extents) => {
-                            self.ship(&mut s.disk, vec![extents], report).await?
-                        }
+                        Item::Batch(extents) => batches.push(extents),
                         Item::Tag(kind, point_id, time_ms) => {
+                            self.ship(&mut s.disk, std::mem::take(&mut batches), report)
+                                .await?;
                             self.tag(&mut s.disk, kind, point_id, time_ms).await?;
                             info!(disk = %s.disk.id, ?kind, point_id, "tag shipped");
                         }
                     }
                 }
+                self.ship(&mut s.disk, batches, report).await?;
                 lock_capture(&s.capture).journal.release_through(last)?;
             }
             if lock_capture(&s.capture).state.mode() == Mode::Bitmap {

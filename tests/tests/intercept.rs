@@ -698,11 +698,17 @@ fn intercept_gives_crash_consistent_cuts_of_a_live_ext4() {
     );
     assert_eq!(uint(&report, "resyncs"), 0, "{report}");
     eprintln!(
-        "intercept_gives_crash_consistent_cuts_of_a_live_ext4: points {}, bytes shipped {}, batches {}, took {:?}",
+        "intercept_gives_crash_consistent_cuts_of_a_live_ext4: points {}, bytes shipped {}, batches {}, peak in flight {}, took {:?}",
         report["points"],
         report["bytes_shipped"],
         report["batches"],
+        report["peak_in_flight"],
         started.elapsed()
+    );
+    // Issue 9 defect 3: the journal's batches go out several at a time.
+    assert!(
+        uint(&report, "peak_in_flight") >= 2,
+        "never more than one batch in flight: {report}"
     );
 }
 
