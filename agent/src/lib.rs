@@ -15,6 +15,7 @@ pub mod fault;
 pub mod freeze;
 pub mod intercept;
 pub mod journal;
+pub mod journal_cuts;
 pub mod link;
 pub mod scan;
 pub mod source;

@@ -34,6 +34,7 @@ use crate::control::{Decision, DuePoint, PointSchedule, TrackStop, DECISION_MARG
 use crate::freeze::FreezeGuard;
 use crate::intercept::{lock_capture, Capture, Intercept, InterceptOptions, ServedDisk};
 use crate::journal::{CaptureState, DirtyBitmap, Entry, Journal, Mode};
+use crate::journal_cuts::JournalCuts;
 use crate::source::ChangeSource;
 use crate::sync::{DiskCtx, Syncer};
 use crate::trace::DirtySnapshot;
@@ -156,6 +157,20 @@ impl Syncer {
         // once the writes made during the scan are shipped (the scan has no tag).
         // Coordinated points wait for the group's next slot instead.
         let mut schedule = PointSchedule::new(cfg, true);
+        // Uncoordinated crash-consistent cuts are made by a thread of their own, on
+        // time whatever the link (see `journal_cuts`); the loop keeps the others.
+        let cuts = if cfg.coordinated_points {
+            None
+        } else {
+            let captures = served
+                .iter()
+                .map(|s| (s.disk.id.clone(), s.capture.clone()))
+                .collect();
+            Some(
+                JournalCuts::start(captures, Duration::from_secs_f64(cfg.crash_interval_secs))
+                    .context("starting the crash-consistent cut thread")?,
+            )
+        };
         let mut shutdown = self.shutdown.clone();
         // At start a rolled-back replica already made this run begin a new generation.
         let mut resynced_for_master = directives.current() == Action::Resync;
@@ -175,21 +190,32 @@ impl Syncer {
                 Action::Continue => resynced_for_master = false,
                 Action::Resync if !resynced_for_master => {
                     resynced_for_master = true;
+                    let paused = cuts.as_ref().map(JournalCuts::pause);
                     if let Err(e) = self.resync_served(&mut served, &mut report).await {
                         break Err(e);
                     }
-                    schedule.crash_now();
+                    drop(paused);
+                    cut_now(&mut schedule, cuts.as_ref());
                 }
                 Action::Resync => {}
                 Action::ShutDown => break Ok(TrackStop::ShutDown),
                 Action::Forget => break Ok(TrackStop::Forgotten),
             }
-            match self.resync_untrusted(&mut served, &mut report).await {
-                Ok(true) => schedule.crash_now(),
+            let untrusted = {
+                let _paused = cuts.as_ref().map(JournalCuts::pause);
+                self.resync_untrusted(&mut served, &mut report).await
+            };
+            match untrusted {
+                Ok(true) => cut_now(&mut schedule, cuts.as_ref()),
                 Ok(false) => {}
                 Err(e) => break Err(e),
             }
             match schedule.due() {
+                // The cut thread makes these.
+                Some(DuePoint {
+                    kind: TagKind::CrashConsistent,
+                    slot: None,
+                }) if cuts.is_some() => {}
                 Some(DuePoint {
                     kind,
                     slot: Some(point_id),
@@ -214,6 +240,11 @@ impl Syncer {
             }
         };
         drop(directives);
+        if let Some(c) = cuts {
+            let (cut, skipped) = c.stop();
+            report.points += cut;
+            report.points_abandoned += skipped;
+        }
         report.scan_bytes_read = served.iter().map(|s| s.disk.report.bytes_read).sum();
         match result {
             Ok(TrackStop::Forgotten) => {
@@ -304,24 +335,30 @@ impl Syncer {
     ) -> anyhow::Result<u64> {
         let paused = Instant::now();
         let guard = self.quiesce(kind)?;
-        let point_id = now_ms();
+        let point_id = crate::journal_cuts::point_id();
+        // Every capture locked first, then checked and appended: one instant across
+        // the disks, and no write can switch a disk to bitmap mode in between.
+        let mut locked: Vec<_> = served
+            .iter()
+            .map(|s| (&s.disk.id, lock_capture(&s.capture)))
+            .collect();
         let mut result = Ok(());
-        for s in served.iter() {
-            // Checked and appended under one lock: no write can switch the disk to
-            // bitmap mode in between.
-            let mut cap = lock_capture(&s.capture);
-            if !cap.state.crash_consistent_tags_allowed() {
-                result = Err(anyhow!(
-                    "disk {} is in bitmap mode (write order lost until it catches up)",
-                    s.disk.id
-                ));
-                break;
-            }
-            if let Err(e) = cap.journal.append_tag(&s.disk.id, kind, point_id, now_ms()) {
-                result = Err(anyhow!("disk {}: cannot journal the tag: {e}", s.disk.id));
-                break;
+        if let Some((disk, _)) = locked
+            .iter()
+            .find(|(_, c)| !c.state.crash_consistent_tags_allowed())
+        {
+            result = Err(anyhow!(
+                "disk {disk} is in bitmap mode (write order lost until it catches up)"
+            ));
+        } else {
+            for (disk, cap) in &mut locked {
+                if let Err(e) = cap.journal.append_tag(disk, kind, point_id, point_id) {
+                    result = Err(anyhow!("disk {disk}: cannot journal the tag: {e}"));
+                    break;
+                }
             }
         }
+        drop(locked);
         if let Some(g) = guard {
             g.thaw();
             report
@@ -727,6 +764,15 @@ fn hold_writes(
             .map_err(|e| format!("disk {disk}: cannot journal the tag: {e}"))?;
     }
     Ok(())
+}
+
+/// A crash-consistent cut at once (after a resync): by the cut thread when there is
+/// one, else at the loop's next tick.
+fn cut_now(schedule: &mut PointSchedule, cuts: Option<&JournalCuts>) {
+    match cuts {
+        Some(c) => c.cut_now(),
+        None => schedule.crash_now(),
+    }
 }
 
 fn set_tracking(disk: &mut DiskCtx, on: bool) -> anyhow::Result<()> {

@@ -1196,7 +1196,7 @@ fn a_running_agent_resyncs_after_a_cancelled_roll_back() {
     let log = agent.log_tail(100_000);
     assert!(
         !lines_with(&log, "rolled the replica back").is_empty()
-            || !lines_with(&log, "rolled a replica back").is_empty(),
+            || !lines_with(&log, "asks for a new generation").is_empty(),
         "the agent was told to resync:\n{}",
         agent.log_tail(40)
     );
