@@ -1018,6 +1018,71 @@ mod tests {
         }
     }
 
+    /// Opens the site of `dir` again, as a restart does (the replica's page cache,
+    /// and so whatever the stopped daemon wrote without syncing, survives).
+    fn reopen(dir: &Path) -> Arc<Site> {
+        let state = dir.join("state");
+        let disks =
+            Disks::open(&state, &dir.join("retention"), 1 << 20, BTreeMap::new()).expect("disks");
+        Arc::new(Site {
+            disks: Arc::new(disks),
+            groups: Arc::new(Groups::open(&state).expect("groups")),
+            drain_timeout: Duration::from_secs(1),
+        })
+    }
+
+    async fn point_byte(site: &Site, dir: &Path, id: u64) -> u8 {
+        let to = dir.join(format!("point-{id}.img"));
+        let targets: BTreeMap<String, PathBuf> = [("d0".to_string(), to.clone())].into();
+        site.test_failover("g", PointChoice::Id(id), targets, &events())
+            .await
+            .expect("test failover");
+        let b = std::fs::read(&to).expect("read the point")[0];
+        site.test_cleanup("g", &events()).await.expect("cleanup");
+        b
+    }
+
+    /// The replica's fdatasync fails after a batch and a tag were applied: the master
+    /// target stops, and its restart recovers from what is durable while the replica
+    /// file still holds the unsynced write. The process server sends the records
+    /// again; every point must still give its own bytes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn points_stay_exact_when_records_are_applied_again_after_a_failed_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let site = Arc::new(site(dir.path()));
+            for m in [batch(1, 0, 1), tag(1, 1, 10)] {
+                let a = crate::server::handle(&site, m).await;
+                assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
+            }
+            let _full = boomerang_common::faults::arm_under(dir.path(), "replica.sync@1=enospc")
+                .expect("arm");
+            // Both applied (in order) before the flush that fails, as a batch and
+            // the tag after it usually are.
+            let sends: Vec<_> = [batch(1, 2, 2), tag(1, 3, 20)]
+                .into_iter()
+                .map(|m| {
+                    let site = site.clone();
+                    tokio::spawn(async move { crate::server::handle(&site, m).await })
+                })
+                .collect();
+            for s in sends {
+                let a = s.await.expect("join");
+                assert!(matches!(a, Message::Error { .. }), "{}", a.name());
+            }
+            assert!(site.disks.get("d0").expect("disk").failed().is_some());
+            assert_eq!(first_byte(&site), 2, "the write is in the replica file");
+        }
+        let site = reopen(dir.path());
+        for m in [batch(1, 2, 2), tag(1, 3, 20), batch(1, 4, 3), tag(1, 5, 30)] {
+            let a = crate::server::handle(&site, m).await;
+            assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
+        }
+        assert_eq!(point_byte(&site, dir.path(), 30).await, 3);
+        assert_eq!(point_byte(&site, dir.path(), 20).await, 2);
+        assert_eq!(point_byte(&site, dir.path(), 10).await, 1);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reprotect_writes_agent_configurations_private() {
         // SAFETY: umask only changes the process's file creation mask; a permissive
