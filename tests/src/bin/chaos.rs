@@ -1,26 +1,58 @@
-//! `chaos --seed S --faults N [--disk-mib M]`: the seeded fault campaign of
-//! [`boomerang_tests::chaos`]; exits 1 when a point was wrong. Needs root and FUSE.
+//! `chaos --seed S --faults N [--disk-mib M] [--plan "F; F; ..." [--repeat R]]`: the
+//! seeded fault campaign of [`boomerang_tests::chaos`]; exits 1 when a point was
+//! wrong. `--plan` injects the listed faults first (see `Fault`'s `FromStr`: `kill
+//! mt`, `cut ps`, `cut-some agent`, `ps-restart`, `mt replica.sync@1=enospc`), `R`
+//! times over, to chase one sequence; the seed picks the rest. Needs root and FUSE.
 
 use std::process::ExitCode;
+
+use boomerang_tests::chaos::faults::Fault;
+
+const USAGE: &str =
+    "usage: chaos [--seed S] [--faults N] [--disk-mib M (>= 4)] [--plan \"F; F\" [--repeat R]]";
 
 fn main() -> ExitCode {
     let mut seed = 7u64;
     let mut faults = 20u64;
     let mut disk_mib = 32u64;
+    let mut plan: Vec<Fault> = Vec::new();
+    let mut repeat = 1usize;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value = args.next().and_then(|v| v.parse::<u64>().ok());
-        match (flag.as_str(), value) {
+        let Some(value) = args.next() else {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        };
+        let number = value.parse::<u64>().ok();
+        match (flag.as_str(), number) {
             ("--seed", Some(v)) => seed = v,
             ("--faults", Some(v)) => faults = v,
             ("--disk-mib", Some(v)) if v >= 4 => disk_mib = v,
+            ("--repeat", Some(v)) if v >= 1 => repeat = usize::try_from(v).unwrap_or(1),
+            ("--plan", _) => {
+                for f in value.split(';').map(str::trim).filter(|f| !f.is_empty()) {
+                    match f.parse() {
+                        Ok(f) => plan.push(f),
+                        Err(e) => {
+                            eprintln!("chaos: {e}");
+                            return ExitCode::from(2);
+                        }
+                    }
+                }
+            }
             _ => {
-                eprintln!("usage: chaos [--seed S] [--faults N] [--disk-mib M (>= 4)]");
+                eprintln!("{USAGE}");
                 return ExitCode::from(2);
             }
         }
     }
-    match boomerang_tests::chaos::run(seed, faults, disk_mib) {
+    let planned: Vec<Fault> = plan
+        .iter()
+        .cloned()
+        .cycle()
+        .take(plan.len() * repeat)
+        .collect();
+    match boomerang_tests::chaos::run_planned(seed, planned, faults, disk_mib) {
         Ok(summary) => {
             println!("{}", summary.details());
             println!("{summary}");

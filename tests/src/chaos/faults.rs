@@ -90,6 +90,41 @@ impl std::fmt::Display for Fault {
     }
 }
 
+impl std::str::FromStr for Fault {
+    type Err = String;
+
+    /// `kill ROLE`, `cut ROLE` (every unsynced write dropped), `cut-some ROLE` (a
+    /// seeded subset kept), `ps-restart`, or `ROLE site@n=fault` (a storage rule).
+    fn from_str(s: &str) -> Result<Fault, String> {
+        let role = |r: &str| match r {
+            "agent" => Ok(Role::Agent),
+            "ps" => Ok(Role::Ps),
+            "mt" => Ok(Role::Mt),
+            other => Err(format!("unknown role {other:?} (agent, ps, mt)")),
+        };
+        let words: Vec<&str> = s.split_whitespace().collect();
+        match words.as_slice() {
+            ["ps-restart"] => Ok(Fault::PsRestart),
+            ["kill", r] => Ok(Fault::Kill(role(r)?)),
+            ["cut", r] => Ok(Fault::PowerCut {
+                role: role(r)?,
+                keep_some: false,
+            }),
+            ["cut-some", r] => Ok(Fault::PowerCut {
+                role: role(r)?,
+                keep_some: true,
+            }),
+            [r, rule] if rule.contains('@') && rule.contains('=') => Ok(Fault::Storage {
+                role: role(r)?,
+                rule: (*rule).to_string(),
+            }),
+            _ => Err(format!(
+                "cannot read fault {s:?}: kill ROLE, cut ROLE, cut-some ROLE, ps-restart or ROLE site@n=fault"
+            )),
+        }
+    }
+}
+
 // Storage sites each role reaches while it streams and takes points.
 const AGENT_SITES: &[&str] = &["journal.write", "journal.sync", "state.write", "state.sync"];
 const PS_SITES: &[&str] = &["spool.write", "spool.sync", "spool.remove", "spool.create"];
@@ -136,5 +171,33 @@ pub fn choose(rng: &mut DataRng) -> Fault {
             keep_some: rng.below(2) == 1,
         },
         _ => Fault::PsRestart,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_are_read_from_their_short_forms() {
+        let read = |s: &str| s.parse::<Fault>();
+        assert_eq!(read("kill mt"), Ok(Fault::Kill(Role::Mt)));
+        assert_eq!(read("ps-restart"), Ok(Fault::PsRestart));
+        assert_eq!(
+            read("cut-some agent"),
+            Ok(Fault::PowerCut {
+                role: Role::Agent,
+                keep_some: true
+            })
+        );
+        assert_eq!(
+            read(" mt  replica.sync@1=enospc "),
+            Ok(Fault::Storage {
+                role: Role::Mt,
+                rule: "replica.sync@1=enospc".into()
+            })
+        );
+        assert!(read("kill db").is_err());
+        assert!(read("mt replica.sync").is_err());
     }
 }
