@@ -201,9 +201,16 @@ impl Syncer {
                 Action::ShutDown => break Ok(TrackStop::ShutDown),
                 Action::Forget => break Ok(TrackStop::Forgotten),
             }
-            let untrusted = {
+            // Paused only when a disk will start over: a cut skipped for nothing
+            // would leave a gap of an interval.
+            let untrusted = if served
+                .iter()
+                .any(|s| lock_capture(&s.capture).resync_reason().is_some())
+            {
                 let _paused = cuts.as_ref().map(JournalCuts::pause);
                 self.resync_untrusted(&mut served, &mut report).await
+            } else {
+                Ok(false)
             };
             match untrusted {
                 Ok(true) => cut_now(&mut schedule, cuts.as_ref()),
@@ -500,10 +507,11 @@ impl Syncer {
 
     /// The master target asks for a new generation (a replica rolled back under the
     /// stream by a cancelled failover, or a record refused or lost that nothing will
-    /// send again): every disk starts a new generation with a scan. What the journal holds so far is on
-    /// the disk the scan reads, and its tags are no cuts of the new generation, so it
-    /// is released unshipped; writes from here on are journaled and shipped after the
-    /// scan, and the next crash-consistent tag makes the replica consistent again.
+    /// send again): every disk starts a new generation with a scan. What the journal
+    /// holds so far is on the disk the scan reads, and its tags are no cuts of the new
+    /// generation, so it is released unshipped; writes from here on are journaled and
+    /// shipped after the scan, and the next crash-consistent tag makes the replica
+    /// consistent again.
     async fn resync_served(
         &self,
         served: &mut [Served],
