@@ -650,9 +650,17 @@ mod tests {
             .enable_all()
             .build()
             .expect("server runtime");
-        let ep = rt
-            .block_on(async { server_endpoint(addr, tls) })
-            .expect("server endpoint");
+        // The killed runtime's socket may linger a moment: retry the bind.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        let ep = loop {
+            match rt.block_on(async { server_endpoint(addr, tls) }) {
+                Ok(ep) => break ep,
+                Err(TransportError::Bind { .. }) if std::time::Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("server endpoint: {e}"),
+            }
+        };
         let bound = ep.local_addr().expect("addr");
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         rt.spawn(async move {
