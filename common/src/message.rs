@@ -653,7 +653,8 @@ fn encode_disks(w: &mut crate::wire::Writer<'_>, disks: &[String]) {
 }
 
 fn decode_disks(r: &mut Reader) -> Result<Vec<String>, DecodeError> {
-    let n = r.count(MAX_DISKS, 4, "disks")?;
+    // The smallest disk id on the wire: a u16 length and one byte.
+    let n = r.count(MAX_DISKS, 3, "disks")?;
     let mut disks = Vec::with_capacity(n);
     for _ in 0..n {
         disks.push(decode_disk_id(r)?);
@@ -854,6 +855,19 @@ mod tests {
                 }
             }),
         ]
+    }
+
+    /// Found by the round trip below: one-byte disk ids take 3 bytes each on the
+    /// wire, and a check-in naming two of them was refused as too short.
+    #[test]
+    fn a_check_in_with_one_byte_disk_ids_round_trips() {
+        let msg = Message::Control {
+            group: String::new(),
+            agent: String::new(),
+            disks: vec!["0".into(), "1".into()],
+            shut_down: false,
+        };
+        assert_eq!(Message::decode_exact(&msg.encode()), Ok(msg));
     }
 
     proptest! {
