@@ -164,12 +164,31 @@ fn run(captures: &[(String, Arc<Mutex<Capture>>)], every: Duration, flags: &Flag
 
 /// One cut across every disk; `Ok(false)` while paused.
 fn cut(captures: &[(String, Arc<Mutex<Capture>>)], flags: &Flags) -> Result<bool, String> {
+    let disks: Vec<(&str, &Mutex<Capture>)> =
+        captures.iter().map(|(d, c)| (d.as_str(), &**c)).collect();
+    tag_all(&disks, TagKind::CrashConsistent, || {
+        flags.paused.load(Ordering::SeqCst)
+    })
+    .map(|id| id.is_some())
+}
+
+/// Appends a `kind` tag to the journal of every disk of `captures`, all their capture
+/// locks taken first (in order, so the cut is one instant across the disks and no
+/// write can switch a disk to bitmap mode in between); returns the point id, taken
+/// once the locks are held ([`point_id`]). `None`, nothing appended, when `hold()`
+/// says so under the locks. Fails, appending nothing more, when a disk is in bitmap
+/// mode or a tag cannot be journaled.
+pub(crate) fn tag_all(
+    captures: &[(&str, &Mutex<Capture>)],
+    kind: TagKind,
+    hold: impl FnOnce() -> bool,
+) -> Result<Option<u64>, String> {
     let mut locked: Vec<_> = captures
         .iter()
-        .map(|(disk, c)| (disk, lock_capture(c)))
+        .map(|(disk, c)| (*disk, lock_capture(c)))
         .collect();
-    if flags.paused.load(Ordering::SeqCst) {
-        return Ok(false);
+    if hold() {
+        return Ok(None);
     }
     if let Some((disk, _)) = locked
         .iter()
@@ -181,12 +200,12 @@ fn cut(captures: &[(String, Arc<Mutex<Capture>>)], flags: &Flags) -> Result<bool
     }
     let id = point_id();
     for (disk, c) in &mut locked {
-        if let Err(e) = c.journal.append_tag(disk, TagKind::CrashConsistent, id, id) {
-            warn!(%disk, error = %e, "cannot journal a crash-consistent tag");
+        if let Err(e) = c.journal.append_tag(disk, kind, id, id) {
+            warn!(%disk, error = %e, ?kind, "cannot journal a tag");
             return Err(format!("disk {disk}: cannot journal the tag: {e}"));
         }
     }
-    Ok(true)
+    Ok(Some(id))
 }
 
 #[cfg(test)]

@@ -342,37 +342,20 @@ impl Syncer {
     ) -> anyhow::Result<u64> {
         let paused = Instant::now();
         let guard = self.quiesce(kind)?;
-        let point_id = crate::journal_cuts::point_id();
-        // Every capture locked first, then checked and appended: one instant across
-        // the disks, and no write can switch a disk to bitmap mode in between.
-        let mut locked: Vec<_> = served
+        let disks: Vec<(&str, &Mutex<Capture>)> = served
             .iter()
-            .map(|s| (&s.disk.id, lock_capture(&s.capture)))
+            .map(|s| (s.disk.id.as_str(), &*s.capture))
             .collect();
-        let mut result = Ok(());
-        if let Some((disk, _)) = locked
-            .iter()
-            .find(|(_, c)| !c.state.crash_consistent_tags_allowed())
-        {
-            result = Err(anyhow!(
-                "disk {disk} is in bitmap mode (write order lost until it catches up)"
-            ));
-        } else {
-            for (disk, cap) in &mut locked {
-                if let Err(e) = cap.journal.append_tag(disk, kind, point_id, point_id) {
-                    result = Err(anyhow!("disk {disk}: cannot journal the tag: {e}"));
-                    break;
-                }
-            }
-        }
-        drop(locked);
+        let result = crate::journal_cuts::tag_all(&disks, kind, || false);
         if let Some(g) = guard {
             g.thaw();
             report
                 .pauses_ms
                 .push(paused.elapsed().as_secs_f64() * 1000.0);
         }
-        result?;
+        let point_id = result
+            .map_err(anyhow::Error::msg)?
+            .ok_or_else(|| anyhow!("the tag was held back"))?;
         report.points += 1;
         Ok(point_id)
     }

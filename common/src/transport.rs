@@ -627,12 +627,8 @@ mod tests {
     use crate::pki;
 
     fn tls(dir: &std::path::Path, role: Role, name: &str) -> TlsPaths {
-        let (cert, key) = pki::issue(dir, role, name, dir).expect("issue");
-        TlsPaths {
-            ca: dir.join("ca.pem"),
-            cert,
-            key,
-        }
+        pki::issue(dir, role, name, dir).expect("issue");
+        TlsPaths::in_dir(dir, name)
     }
 
     fn hello(role: Role, name: &str) -> Message {

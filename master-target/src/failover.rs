@@ -801,15 +801,30 @@ mod tests {
     use boomerang_common::message::{Action, ErrorCode, Message};
     use std::os::unix::fs::{FileExt, PermissionsExt};
 
-    fn site(dir: &Path) -> Site {
+    /// The site of `dir`, as a start finds it.
+    fn open_site(dir: &Path) -> Site {
         let state = dir.join("state");
         let disks =
             Disks::open(&state, &dir.join("retention"), 1 << 20, BTreeMap::new()).expect("disks");
-        disks.open_disk("d0", 1 << 20, "g").expect("disk");
         Site {
             disks: Arc::new(disks),
             groups: Arc::new(Groups::open(&state).expect("groups")),
             drain_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// A new site with disk d0 of group g.
+    fn site(dir: &Path) -> Site {
+        let site = open_site(dir);
+        site.disks.open_disk("d0", 1 << 20, "g").expect("disk");
+        site
+    }
+
+    /// Sends `msgs` in order; each must be acknowledged.
+    async fn acked(site: &Arc<Site>, msgs: impl IntoIterator<Item = Message>) {
+        for m in msgs {
+            let a = crate::server::handle(site, m).await;
+            assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
         }
     }
 
@@ -884,15 +899,7 @@ mod tests {
     async fn records_of_a_committed_group_get_a_final_answer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let site = Arc::new(site(dir.path()));
-        let tag = Message::Tag(boomerang_common::message::Tag {
-            disk: "d0".into(),
-            generation: 1,
-            seq: 0,
-            kind: TagKind::CrashConsistent,
-            point_id: 1,
-            time_ms: 1,
-            group: "g".into(),
-        });
+        let tag = tag(1, 0, 1);
         for (state, want) in [
             (GroupState::FailoverPending, ErrorCode::Unavailable),
             (GroupState::FailedBack, ErrorCode::Gone),
@@ -949,10 +956,7 @@ mod tests {
     async fn records_of_a_generation_begun_before_an_in_place_failover_are_obsolete() {
         let dir = tempfile::tempdir().expect("tempdir");
         let site = Arc::new(site(dir.path()));
-        for m in [batch(1, 0, 1), tag(1, 1, 10)] {
-            let a = crate::server::handle(&site, m).await;
-            assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
-        }
+        acked(&site, [batch(1, 0, 1), tag(1, 1, 10)]).await;
         let ev = events();
         site.failover("g", PointChoice::Id(10), BTreeMap::new(), &ev)
             .await
@@ -971,19 +975,21 @@ mod tests {
         // is taken.
         let d = site.disks.get("d0").expect("disk");
         let next = d.record().position.generation.max(2) + 1;
-        for m in [batch(next, 0, 3), tag(next, 1, 30)] {
-            let a = crate::server::handle(&site, m).await;
-            assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
-        }
+        acked(&site, [batch(next, 0, 3), tag(next, 1, 30)]).await;
         assert_eq!(first_byte(&site), 3);
     }
 
-    fn check_in() -> Message {
-        Message::Control {
+    /// The directive agent `a` of group g gets when it checks in.
+    async fn directive(site: &Arc<Site>) -> Action {
+        let check_in = Message::Control {
             group: "g".into(),
             agent: "a".into(),
             disks: vec!["d0".into()],
             shut_down: false,
+        };
+        match crate::server::handle(site, check_in).await {
+            Message::Directive { action } => action,
+            other => panic!("answered {}", other.name()),
         }
     }
 
@@ -995,8 +1001,7 @@ mod tests {
     async fn a_batch_refused_for_integrity_asks_the_agent_to_resync() {
         let dir = tempfile::tempdir().expect("tempdir");
         let site = Arc::new(site(dir.path()));
-        let a = crate::server::handle(&site, batch(1, 0, 1)).await;
-        assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
+        acked(&site, [batch(1, 0, 1)]).await;
         let mut bad = batch(1, 1, 2);
         if let Message::Batch(b) = &mut bad {
             b.extents[0].hash = boomerang_common::ChunkHash::of(b"something else");
@@ -1005,30 +1010,10 @@ mod tests {
             Message::Error { code, .. } => assert_eq!(code, ErrorCode::IntegrityFailure as u16),
             other => panic!("answered {}", other.name()),
         }
-        match crate::server::handle(&site, check_in()).await {
-            Message::Directive { action } => assert_eq!(action, Action::Resync),
-            other => panic!("answered {}", other.name()),
-        }
+        assert_eq!(directive(&site).await, Action::Resync);
         // The new generation clears it.
-        let a = crate::server::handle(&site, batch(2, 0, 3)).await;
-        assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
-        match crate::server::handle(&site, check_in()).await {
-            Message::Directive { action } => assert_eq!(action, Action::Continue),
-            other => panic!("answered {}", other.name()),
-        }
-    }
-
-    /// Opens the site of `dir` again, as a restart does (the replica's page cache,
-    /// and so whatever the stopped daemon wrote without syncing, survives).
-    fn reopen(dir: &Path) -> Arc<Site> {
-        let state = dir.join("state");
-        let disks =
-            Disks::open(&state, &dir.join("retention"), 1 << 20, BTreeMap::new()).expect("disks");
-        Arc::new(Site {
-            disks: Arc::new(disks),
-            groups: Arc::new(Groups::open(&state).expect("groups")),
-            drain_timeout: Duration::from_secs(1),
-        })
+        acked(&site, [batch(2, 0, 3)]).await;
+        assert_eq!(directive(&site).await, Action::Continue);
     }
 
     async fn point_byte(site: &Site, dir: &Path, id: u64) -> u8 {
@@ -1051,10 +1036,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let site = Arc::new(site(dir.path()));
-            for m in [batch(1, 0, 1), tag(1, 1, 10)] {
-                let a = crate::server::handle(&site, m).await;
-                assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
-            }
+            acked(&site, [batch(1, 0, 1), tag(1, 1, 10)]).await;
             let _full = boomerang_common::faults::arm_under(dir.path(), "replica.sync@1=enospc")
                 .expect("arm");
             // Both applied (in order) before the flush that fails, as a batch and
@@ -1073,11 +1055,14 @@ mod tests {
             assert!(site.disks.get("d0").expect("disk").failed().is_some());
             assert_eq!(first_byte(&site), 2, "the write is in the replica file");
         }
-        let site = reopen(dir.path());
-        for m in [batch(1, 2, 2), tag(1, 3, 20), batch(1, 4, 3), tag(1, 5, 30)] {
-            let a = crate::server::handle(&site, m).await;
-            assert!(matches!(a, Message::DurableAck { .. }), "{}", a.name());
-        }
+        // As a restart: the replica's page cache, and so whatever the stopped daemon
+        // wrote without syncing, survives.
+        let site = Arc::new(open_site(dir.path()));
+        acked(
+            &site,
+            [batch(1, 2, 2), tag(1, 3, 20), batch(1, 4, 3), tag(1, 5, 30)],
+        )
+        .await;
         assert_eq!(point_byte(&site, dir.path(), 30).await, 3);
         assert_eq!(point_byte(&site, dir.path(), 20).await, 2);
         assert_eq!(point_byte(&site, dir.path(), 10).await, 1);

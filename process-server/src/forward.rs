@@ -235,12 +235,8 @@ mod tests {
     }
 
     fn tls(dir: &std::path::Path, role: Role, name: &str) -> TlsPaths {
-        let (cert, key) = pki::issue(dir, role, name, dir).expect("issue");
-        TlsPaths {
-            ca: dir.join("ca.pem"),
-            cert,
-            key,
-        }
+        pki::issue(dir, role, name, dir).expect("issue");
+        TlsPaths::in_dir(dir, name)
     }
 
     /// What the test master target saw.
