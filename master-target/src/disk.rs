@@ -122,6 +122,13 @@ pub struct DiskRecord {
     /// until a record applies again: `status` shows it.
     #[serde(default)]
     pub apply_error: Option<String>,
+    /// The undo journal's end when this record was stored. Records past it saved
+    /// the before-images of writes this record does not count (their flush failed,
+    /// or the power went first); the replica may hold some of those writes, so they
+    /// are written back before the disk opens ([`Disk::undo_unrecorded`]). None in
+    /// records of versions before it was kept.
+    #[serde(default)]
+    pub journal_end: Option<u64>,
 }
 
 impl DiskRecord {
@@ -143,6 +150,7 @@ impl DiskRecord {
             integrity_failures: 0,
             last_apply_ms: 0,
             apply_error: None,
+            journal_end: None,
         }
     }
 }
@@ -426,13 +434,14 @@ impl Disk {
     ) -> Result<(), ApplyError> {
         let _flush = self.flush_lock.lock().await;
         let _apply = self.apply_lock.lock().await;
-        let record = {
+        let mut record = {
             let mut rec = lock(&self.record);
             change(&mut rec);
             rec.clone()
         };
         // Nothing appends to the journal while the apply lock is held.
         let lsn = self.journal_end();
+        record.journal_end = Some(lsn);
         let position = record.position;
         lock(&self.state)
             .store(record)
@@ -490,12 +499,50 @@ impl Disk {
             .map_err(|source| self.retention_error(source))
     }
 
-    /// Discards the whole history (a committed failover: the disk went live).
-    pub fn clear_journal(&self) -> Result<(), ApplyError> {
-        let mut j = lock(&self.journal);
-        let start = j.start_lsn();
-        j.truncate_from(start)
-            .map_err(|source| self.retention_error(source))
+    /// Discards the whole history (a committed failover: the disk went live), then
+    /// stores the record with the journal's new end, so that a restart never takes
+    /// the records appended from now on for ones the record counts.
+    pub async fn clear_journal(&self) -> Result<(), ApplyError> {
+        {
+            let mut j = lock(&self.journal);
+            let start = j.start_lsn();
+            j.truncate_from(start)
+                .map_err(|source| self.retention_error(source))?;
+        }
+        self.update_record(|_| {}).await
+    }
+
+    /// Before a disk opens: writes back, newest first, every record the journal holds
+    /// past the end `record` was stored with, syncs the replica, and drops those
+    /// records. They hold the before-images of writes the record does not count (a
+    /// flush failed, or the power went, after they were applied); the replica may
+    /// hold any of those writes, and applied again they would save them as
+    /// before-images, so that a point taken between them gave back newer bytes.
+    /// Returns how many records were undone.
+    pub fn undo_unrecorded(
+        record: &DiskRecord,
+        replica: &dyn Replica,
+        journal: &mut UndoJournal,
+    ) -> Result<u64, RetentionError> {
+        let Some(end) = record.journal_end else {
+            return Ok(0);
+        };
+        if journal.end_lsn() <= end {
+            return Ok(0);
+        }
+        let undone = journal.end_lsn() - end;
+        let size = replica.size();
+        journal
+            .history(end)?
+            .write_back(&mut crate::materialize::OnReplica { replica, size }, |_| {})?;
+        replica.flush().map_err(|source| RetentionError::Io {
+            path: record.replica.clone(),
+            what: "fdatasync the replica after undoing writes past its record",
+            source,
+        })?;
+        journal.truncate_from(end)?;
+        warn!(disk = %record.disk, records = undone, journal_end = end, "undid writes the stored record does not count (a flush failed or the power went after they were applied): the replica is back at its record, and the process server sends them again");
+        Ok(undone)
     }
 
     fn retention_error(&self, source: RetentionError) -> ApplyError {
@@ -827,11 +874,10 @@ async fn flusher(disk: Arc<Disk>) {
             // Snapshot under the apply lock so position and record agree.
             let (target, record, lsn) = {
                 let _g = disk.apply_lock.lock().await;
-                (
-                    *disk.applied.borrow(),
-                    lock(&disk.record).clone(),
-                    disk.journal_end(),
-                )
+                let lsn = disk.journal_end();
+                let mut record = lock(&disk.record).clone();
+                record.journal_end = Some(lsn);
+                (*disk.applied.borrow(), record, lsn)
             };
             let d = disk.clone();
             let result = tokio::task::spawn_blocking(move || -> Result<(), String> {

@@ -123,7 +123,16 @@ impl Disks {
                 }
             })?;
             let oldest = rec.points.iter().map(|c| c.lsn).min();
-            let journal = disks.open_journal(&rec.disk, oldest)?;
+            let mut journal = disks.open_journal(&rec.disk, oldest)?;
+            Disk::undo_unrecorded(&rec, replica.as_ref(), &mut journal).map_err(|e| {
+                DisksError::Storage {
+                    what: "undo the writes past the stored record of",
+                    path: rec.replica.clone(),
+                    reason: format!(
+                        "{e}; the replica may hold writes its record does not count, so the disk is not opened: check the storage under it and start again"
+                    ),
+                }
+            })?;
             info!(disk = %rec.disk, generation = rec.position.generation, next_seq = rec.position.next_seq, points = rec.points.len(), journal_bytes = journal.size_bytes(), "disk loaded");
             disks
                 .lock()

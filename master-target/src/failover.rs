@@ -583,7 +583,7 @@ impl Site {
                 }
             })
             .await?;
-            d.clear_journal()?;
+            d.clear_journal().await?;
             if target.is_some() {
                 self.disks.reload(d.id())?;
             }
@@ -929,6 +929,18 @@ mod tests {
         })
     }
 
+    /// A batch writing `fill` over the 64 KiB block at `block * 64 KiB`.
+    fn batch_at(generation: u64, seq: u64, block: u64, fill: u8) -> Message {
+        let mut m = batch(generation, seq, fill);
+        if let Message::Batch(b) = &mut m {
+            let data = vec![fill; 65536];
+            let mut enc = boomerang_common::delta::ExtentEncoder::new(1).expect("zstd");
+            b.extents =
+                vec![enc.encode(block * 65536, &data, boomerang_common::ChunkHash::of(&data))];
+        }
+        m
+    }
+
     fn tag(generation: u64, seq: u64, point_id: u64) -> Message {
         Message::Tag(boomerang_common::message::Tag {
             disk: "d0".into(),
@@ -1066,6 +1078,65 @@ mod tests {
         assert_eq!(point_byte(&site, dir.path(), 30).await, 3);
         assert_eq!(point_byte(&site, dir.path(), 20).await, 2);
         assert_eq!(point_byte(&site, dir.path(), 10).await, 1);
+    }
+
+    /// Found by the seeded campaign (seed 1010, and a plan replay of seed 1111): the
+    /// replica's fdatasync failed after a batch past a tag was applied, and that batch
+    /// wrote a block nothing had written before the tag. The restart kept the
+    /// replica's unsynced write, so the batch applied again saved that write as its
+    /// before-image, and the point gave back the newer bytes. A restart must first
+    /// undo what the journal holds past the stored record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_past_a_point_that_never_became_durable_is_undone_at_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let site = Arc::new(site(dir.path()));
+            acked(&site, [batch_at(1, 0, 0, 1), tag(1, 1, 10)]).await;
+            let _full = boomerang_common::faults::arm_under(dir.path(), "replica.sync@1=enospc")
+                .expect("arm");
+            let sends: Vec<_> = [batch_at(1, 2, 0, 2), tag(1, 3, 20), batch_at(1, 4, 1, 9)]
+                .into_iter()
+                .map(|m| {
+                    let site = site.clone();
+                    tokio::spawn(async move { crate::server::handle(&site, m).await })
+                })
+                .collect();
+            for s in sends {
+                let a = s.await.expect("join");
+                assert!(matches!(a, Message::Error { .. }), "{}", a.name());
+            }
+            let d = site.disks.get("d0").expect("disk");
+            let mut b = [0u8; 1];
+            d.replica()
+                .read_at(65536, &mut b)
+                .expect("read the replica");
+            assert_eq!(b[0], 9, "the write past the tag is in the replica file");
+        }
+        let site = Arc::new(open_site(dir.path()));
+        acked(
+            &site,
+            [
+                batch_at(1, 2, 0, 2),
+                tag(1, 3, 20),
+                batch_at(1, 4, 1, 9),
+                tag(1, 5, 30),
+            ],
+        )
+        .await;
+        for (point, block0, block1) in [(30, 2, 9), (20, 2, 0), (10, 1, 0)] {
+            let to = dir.path().join(format!("point-{point}.img"));
+            let targets: BTreeMap<String, PathBuf> = [("d0".to_string(), to.clone())].into();
+            site.test_failover("g", PointChoice::Id(point), targets, &events())
+                .await
+                .expect("test failover");
+            let image = std::fs::read(&to).expect("read the point");
+            site.test_cleanup("g", &events()).await.expect("cleanup");
+            assert_eq!(
+                (image[0], image[65536]),
+                (block0, block1),
+                "point {point}: blocks 0 and 1"
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,26 +27,27 @@ const PIECE: usize = 4 << 20;
 /// Progress of one disk: phase, done, total (bytes).
 pub type Progress<'a> = &'a mut dyn FnMut(&'static str, u64, u64);
 
-/// Writes history back into a replica-like store, clipped to the point's size.
-struct Into<'a> {
-    store: &'a dyn Replica,
-    size: u64,
+/// A replica (or target) as the place history is written back to, clipped to `size`.
+pub(crate) struct OnReplica<'a> {
+    pub(crate) replica: &'a dyn Replica,
+    pub(crate) size: u64,
 }
 
-impl UndoTarget for Into<'_> {
+impl UndoTarget for OnReplica<'_> {
     fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         if offset >= self.size {
             return Ok(());
         }
         let n = usize::try_from((self.size - offset).min(data.len() as u64)).unwrap_or(0);
-        self.store.write_at(offset, &data[..n])
+        self.replica.write_at(offset, &data[..n])
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
         if offset >= self.size {
             return Ok(());
         }
-        self.store.write_zeros(offset, len.min(self.size - offset))
+        self.replica
+            .write_zeros(offset, len.min(self.size - offset))
     }
 }
 
@@ -129,8 +130,8 @@ pub fn to_target(
     let total = history.bytes();
     history
         .write_back(
-            &mut Into {
-                store: &out,
+            &mut OnReplica {
+                replica: &out,
                 size: cut.size,
             },
             |done| progress("rewind", done, total),
@@ -163,8 +164,8 @@ pub fn in_place(
     let replica = disk.replica();
     history
         .write_back(
-            &mut Into {
-                store: replica.as_ref(),
+            &mut OnReplica {
+                replica: replica.as_ref(),
                 size: cut.size.max(replica.size()),
             },
             |done| progress("rewind", done, total),
