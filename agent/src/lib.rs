@@ -1,12 +1,16 @@
 //! boomerang-agent, the protected machine's agent: finds what changed on its disks
-//! (scan today; kernel tracing and write intercept behind the same [`source`] trait
-//! later) and ships it, compressed and hashed, to its process server.
+//! and ships it, compressed and hashed, to its process server.
 //!
-//! While it tracks continuously (`track`), the agent also checks in with the master
-//! target every few seconds ([`control`]): it shuts down after a final point when its
-//! group fails over, forgets its disks' state once the failover is committed, and,
-//! with `coordinated_points`, cuts its interval points together with the other agents
-//! of its group.
+//! The map:
+//! - sources of changes: [`scan`] (read the disk, compare with the replica's hashes;
+//!   the passes are run by [`sync`]), [`trace`] (kernel block tracepoints; driven by
+//!   [`track`]), [`intercept`] with its write-order [`journal`] (FUSE; driven by
+//!   [`track_journal`], points cut on time by [`journal_cuts`]);
+//! - [`ship`]: batching, seqs, the send window and durable acks, for all of them;
+//! - the session: [`link`] (the QUIC link to the process server) and [`control`]
+//!   (check-ins with the master target, directives, the point schedule);
+//! - around them: [`freeze`] (consistency pauses), [`state`] (each disk's durable
+//!   progress), [`config`], [`cli`], [`fault`] (fault injection for tests).
 
 pub mod cli;
 pub mod config;
@@ -18,6 +22,7 @@ pub mod journal;
 pub mod journal_cuts;
 pub mod link;
 pub mod scan;
+pub mod ship;
 pub mod source;
 pub mod state;
 pub mod sync;

@@ -19,12 +19,11 @@ use anyhow::{anyhow, bail, Context as _};
 use boomerang_common::config::{now_ms, Shutdown};
 use boomerang_common::delta::ExtentEncoder;
 use boomerang_common::durable::StateFile;
-use boomerang_common::message::{DiskState, Message, Tag, TagKind};
+use boomerang_common::message::{DiskState, Message, TagKind};
 use boomerang_common::{Batch, ChunkHash};
 use bytes::Bytes;
 use serde::Serialize;
-use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::config::AgentConfig;
@@ -32,6 +31,7 @@ use crate::fault;
 use crate::freeze::{self, FreezeGuard};
 use crate::link::PsLink;
 use crate::scan::ScanSource;
+use crate::ship::Window;
 use crate::source::{ChangeSource, Geometry, UnitOutput};
 use crate::state::{self, DiskProgress, PassState};
 
@@ -428,35 +428,6 @@ impl Syncer {
         Ok(())
     }
 
-    /// Sends a tag at `seq` of the disk's current generation, for a cut taken at
-    /// `time_ms`, and waits until the process server holds it durably.
-    pub(crate) async fn ship_tag(
-        &self,
-        disk: &DiskCtx,
-        seq: u64,
-        kind: TagKind,
-        point_id: u64,
-        time_ms: u64,
-    ) -> anyhow::Result<()> {
-        let tag = Tag {
-            disk: disk.id.clone(),
-            generation: disk.state.get().generation,
-            seq,
-            kind,
-            point_id,
-            time_ms,
-            group: self.config.group(),
-        };
-        match self.link.request(Message::Tag(tag).encode()).await? {
-            Message::DurableAck { .. } => Ok(()),
-            other => bail!(
-                "tag for disk {}: unexpected answer {}",
-                disk.id,
-                other.name()
-            ),
-        }
-    }
-
     /// Waits until the master target applied everything up to the disk's last tag,
     /// sending again any batch it refused.
     pub(crate) async fn drain(&self, disk: &mut DiskCtx) -> anyhow::Result<()> {
@@ -574,8 +545,7 @@ impl Syncer {
             let range = range.clone();
             tokio::spawn(async move { ctx.produce(range, tx).await })
         };
-        let window = Arc::new(Semaphore::new(self.config.in_flight));
-        let mut sends: JoinSet<Result<u64, String>> = JoinSet::new();
+        let mut window = Window::new(self.link.clone(), self.config.in_flight);
         let mut shutdown = self.shutdown.clone();
         let mut acked = Acked::new(range.start);
         let mut producing = true;
@@ -590,41 +560,26 @@ impl Syncer {
                     "interrupted by a signal; the next sync resumes where this one stopped"
                 ));
             }
-            if failure.is_some() || (!producing && sends.is_empty()) {
+            if failure.is_some() || (!producing && window.is_empty()) {
                 break;
             }
+            let slot = window.slot();
             tokio::select! {
                 // The receive is the last await, so a cancelled branch never loses a unit.
-                (permit, built) = async {
-                    let permit = window.clone().acquire_owned().await;
-                    (permit, rx.recv().await)
-                }, if producing => {
+                (slot, built) = async { (slot.await, rx.recv().await) }, if producing => {
                     let Some(built) = built else {
                         producing = false;
                         continue;
                     };
-                    let permit = permit.map_err(|e| anyhow!("{e}"))?;
                     disk.report.add(&built.stats);
                     disk.report.bytes_framed += built.frame.len() as u64;
-                    let link = self.link.clone();
-                    sends.spawn(async move {
-                        let r = match link.request(built.frame).await {
-                            Ok(Message::DurableAck { .. }) => Ok(built.unit),
-                            Ok(other) => Err(format!("unexpected answer {} to a batch", other.name())),
-                            Err(e) => Err(e.to_string()),
-                        };
-                        drop(permit);
-                        r
-                    });
+                    window.send(slot?, built.unit, built.frame);
                 }
-                Some(done) = sends.join_next(), if !sends.is_empty() => {
+                Some(done) = window.next() => {
                     match done {
-                        Ok(Ok(unit)) => acked.add(unit),
-                        Ok(Err(e)) => {
-                            failure.get_or_insert_with(|| anyhow!("disk {}: shipping failed: {e}", disk.id));
-                        }
+                        Ok(unit) => acked.add(unit),
                         Err(e) => {
-                            failure.get_or_insert_with(|| anyhow!("disk {}: send task failed: {e}", disk.id));
+                            failure.get_or_insert_with(|| anyhow!("disk {}: shipping failed: {e}", disk.id));
                         }
                     }
                     if last_store.elapsed() > Duration::from_secs(1) {
@@ -654,7 +609,7 @@ impl Syncer {
             // unacknowledged sends are dropped (they are resent on resume).
             cancel.store(true, Ordering::SeqCst);
             rx.close();
-            sends.abort_all();
+            window.abort();
             producer.abort();
             let _ = producer.await;
             let _ = self.store_acked(disk, acked.prefix);

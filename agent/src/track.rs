@@ -32,16 +32,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use boomerang_common::config::now_ms;
-use boomerang_common::delta::{ExtentEncoder, MAX_EXTENT_LEN};
-use boomerang_common::message::{Action, Message, TagKind};
-use boomerang_common::{Batch, ChunkHash, Codec, Extent};
-use bytes::Bytes;
+use boomerang_common::delta::ExtentEncoder;
+use boomerang_common::message::{Action, TagKind};
+use boomerang_common::{ChunkHash, Extent};
 use serde::Serialize;
-use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::control::{PointSchedule, TrackStop};
 use crate::freeze::FreezeGuard;
+use crate::ship::{zero_extents, Batches};
 use crate::source::ChangeSource;
 use crate::sync::{DiskCtx, Syncer};
 use crate::trace::{DirtySnapshot, Tracer};
@@ -688,19 +687,7 @@ impl Syncer {
         tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Vec<Extent>>> {
             let mut encoder = ExtentEncoder::new(level).map_err(|e| anyhow!("zstd: {e}"))?;
             let mut buf = Vec::new();
-            let mut batches: Vec<Vec<Extent>> = vec![Vec::new()];
-            let mut raw_in_batch = 0u64;
-            let push = |e: Extent, batches: &mut Vec<Vec<Extent>>, raw: &mut u64| {
-                if *raw + u64::from(e.len) > batch_raw && !batches.last().is_none_or(Vec::is_empty)
-                {
-                    batches.push(Vec::new());
-                    *raw = 0;
-                }
-                *raw += u64::from(e.len);
-                if let Some(b) = batches.last_mut() {
-                    b.push(e);
-                }
-            };
+            let mut batches = Batches::new(batch_raw);
             let size = source.geometry().size;
             for &(offset, len) in &snap.writes {
                 let end = (offset + len).min(size);
@@ -710,114 +697,21 @@ impl Syncer {
                     let data = source
                         .read_unit(at, usize::try_from(n).unwrap_or(0), &mut buf)
                         .with_context(|| format!("reading disk {id} at {at}"))?;
-                    let extent = encoder.encode(at, data, ChunkHash::of(data));
-                    push(extent, &mut batches, &mut raw_in_batch);
+                    batches.push(encoder.encode(at, data, ChunkHash::of(data)));
                     at += n;
                 }
             }
+            let mut zero_hashes = Vec::new();
             for &(offset, len) in &snap.discards {
                 let end = (offset + len).min(size);
-                let mut at = offset;
-                while at < end {
-                    let n = u64::from(MAX_EXTENT_LEN).min(end - at);
-                    let len32 = u32::try_from(n).unwrap_or(MAX_EXTENT_LEN);
-                    push(
-                        Extent {
-                            offset: at,
-                            len: len32,
-                            hash: ChunkHash::of_zeros(len32 as usize),
-                            codec: Codec::Zero,
-                            payload: Bytes::new(),
-                        },
-                        &mut batches,
-                        &mut raw_in_batch,
-                    );
-                    at += n;
+                for e in zero_extents(offset, end.saturating_sub(offset), &mut zero_hashes) {
+                    batches.push(e);
                 }
             }
-            batches.retain(|b| !b.is_empty());
-            Ok(batches)
+            Ok(batches.finish())
         })
         .await
         .map_err(|e| anyhow!("reader thread failed: {e}"))?
-    }
-
-    /// Ships built batches with consecutive seqs, several in flight, and records the
-    /// new next seq once the process server holds them all.
-    pub(crate) async fn ship(
-        &self,
-        disk: &mut DiskCtx,
-        batches: Vec<Vec<Extent>>,
-        report: &mut TrackReport,
-    ) -> anyhow::Result<()> {
-        if batches.is_empty() {
-            return Ok(());
-        }
-        let generation = disk.state.get().generation;
-        let base = disk.state.get().next_seq;
-        let window = std::sync::Arc::new(tokio::sync::Semaphore::new(self.config.in_flight));
-        let mut sends = JoinSet::new();
-        let count = batches.len() as u64;
-        let flying = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        for (i, extents) in batches.into_iter().enumerate() {
-            let batch = Batch {
-                disk: disk.id.clone(),
-                generation,
-                seq: base + i as u64,
-                extents,
-            };
-            report.bytes_shipped += batch.raw_len();
-            let frame = Message::Batch(batch).encode();
-            let permit = window.clone().acquire_owned().await?;
-            let link = self.link.clone();
-            let (flying, peak) = (flying.clone(), peak.clone());
-            sends.spawn(async move {
-                use std::sync::atomic::Ordering::SeqCst;
-                peak.fetch_max(flying.fetch_add(1, SeqCst) + 1, SeqCst);
-                let r = link.request(frame).await;
-                flying.fetch_sub(1, SeqCst);
-                drop(permit);
-                r
-            });
-        }
-        while let Some(done) = sends.join_next().await {
-            match done {
-                Ok(Ok(Message::DurableAck { .. })) => {}
-                Ok(Ok(other)) => bail!(
-                    "disk {}: unexpected answer {} to a batch",
-                    disk.id,
-                    other.name()
-                ),
-                Ok(Err(e)) => bail!("disk {}: shipping failed: {e}", disk.id),
-                Err(e) => bail!("disk {}: send task failed: {e}", disk.id),
-            }
-        }
-        report.batches += count;
-        report.peak_in_flight = report
-            .peak_in_flight
-            .max(peak.load(std::sync::atomic::Ordering::SeqCst));
-        let mut p = disk.state.get().clone();
-        p.next_seq = base + count;
-        disk.state.store(p)?;
-        Ok(())
-    }
-
-    /// Tags the disk at its next seq (after everything shipped so far) for a cut taken
-    /// at `time_ms`.
-    pub(crate) async fn tag(
-        &self,
-        disk: &mut DiskCtx,
-        kind: TagKind,
-        point_id: u64,
-        time_ms: u64,
-    ) -> anyhow::Result<()> {
-        let mut p = disk.state.get().clone();
-        self.ship_tag(disk, p.next_seq, kind, point_id, time_ms)
-            .await?;
-        p.next_seq += 1;
-        disk.state.store(p)?;
-        Ok(())
     }
 }
 

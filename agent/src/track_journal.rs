@@ -24,10 +24,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use boomerang_common::config::now_ms;
-use boomerang_common::delta::{ExtentEncoder, MAX_EXTENT_LEN};
+use boomerang_common::delta::ExtentEncoder;
 use boomerang_common::message::{Action, TagKind};
-use boomerang_common::{ChunkHash, Codec, Extent};
-use bytes::Bytes;
+use boomerang_common::{ChunkHash, Extent};
 use tracing::{error, info, warn};
 
 use crate::control::{Decision, DuePoint, PointSchedule, TrackStop, DECISION_MARGIN};
@@ -35,10 +34,11 @@ use crate::freeze::FreezeGuard;
 use crate::intercept::{lock_capture, Capture, Intercept, InterceptOptions, ServedDisk};
 use crate::journal::{CaptureState, DirtyBitmap, Entry, Journal, Mode};
 use crate::journal_cuts::JournalCuts;
+use crate::ship::{zero_extents, Batches};
 use crate::source::ChangeSource;
 use crate::sync::{DiskCtx, Syncer};
 use crate::trace::DirtySnapshot;
-use crate::track::{TrackReport, FINAL_POINT_ATTEMPTS};
+use crate::track::{set_tracking, TrackReport, FINAL_POINT_ATTEMPTS};
 
 /// Most journal bytes read per shipping step (the capture lock is held while reading).
 const READ_BUDGET: u64 = 16 << 20;
@@ -639,51 +639,20 @@ impl Syncer {
         let level = self.config.compression_level;
         tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Item>> {
             let mut encoder = ExtentEncoder::new(level).map_err(|e| anyhow!("zstd: {e}"))?;
-            let mut zero_hashes: Vec<(u32, ChunkHash)> = Vec::new();
+            let mut zero_hashes = Vec::new();
             let mut items = Vec::new();
-            let mut batch: Vec<Extent> = Vec::new();
-            let mut raw = 0u64;
+            let mut batches = Batches::new(batch_raw);
             for record in records {
                 match record.entry {
                     Entry::Write { offset, data, .. } => {
                         for (i, piece) in data.chunks(chunk).enumerate() {
-                            if raw + piece.len() as u64 > batch_raw && !batch.is_empty() {
-                                items.push(Item::Batch(std::mem::take(&mut batch)));
-                                raw = 0;
-                            }
                             let at = offset + (i * chunk) as u64;
-                            batch.push(encoder.encode(at, piece, ChunkHash::of(piece)));
-                            raw += piece.len() as u64;
+                            batches.push(encoder.encode(at, piece, ChunkHash::of(piece)));
                         }
                     }
                     Entry::Zero { offset, len, .. } => {
-                        // Zero extents carry no payload; split to the wire's extent cap.
-                        let end = offset.saturating_add(len);
-                        let mut at = offset;
-                        while at < end {
-                            let n = u32::try_from((end - at).min(u64::from(MAX_EXTENT_LEN)))
-                                .unwrap_or(MAX_EXTENT_LEN);
-                            if raw + u64::from(n) > batch_raw && !batch.is_empty() {
-                                items.push(Item::Batch(std::mem::take(&mut batch)));
-                                raw = 0;
-                            }
-                            let hash = match zero_hashes.iter().find(|(l, _)| *l == n) {
-                                Some((_, h)) => *h,
-                                None => {
-                                    let h = ChunkHash::of_zeros(n as usize);
-                                    zero_hashes.push((n, h));
-                                    h
-                                }
-                            };
-                            batch.push(Extent {
-                                offset: at,
-                                len: n,
-                                hash,
-                                codec: Codec::Zero,
-                                payload: Bytes::new(),
-                            });
-                            raw += u64::from(n);
-                            at += u64::from(n);
+                        for e in zero_extents(offset, len, &mut zero_hashes) {
+                            batches.push(e);
                         }
                     }
                     Entry::Tag {
@@ -692,17 +661,13 @@ impl Syncer {
                         time_ms,
                         ..
                     } => {
-                        if !batch.is_empty() {
-                            items.push(Item::Batch(std::mem::take(&mut batch)));
-                            raw = 0;
-                        }
+                        batches.close();
+                        items.extend(batches.take_closed().into_iter().map(Item::Batch));
                         items.push(Item::Tag(kind, point_id, time_ms));
                     }
                 }
             }
-            if !batch.is_empty() {
-                items.push(Item::Batch(batch));
-            }
+            items.extend(batches.finish().into_iter().map(Item::Batch));
             Ok(items)
         })
         .await
@@ -764,8 +729,4 @@ fn cut_now(schedule: &mut PointSchedule, cuts: Option<&JournalCuts>) {
         Some(c) => c.cut_now(),
         None => schedule.crash_now(),
     }
-}
-
-fn set_tracking(disk: &mut DiskCtx, on: bool) -> anyhow::Result<()> {
-    crate::track::set_tracking(disk, on)
 }
