@@ -752,6 +752,7 @@ impl Producer {
         let end = (units.end * self.geometry.unit_size).min(self.geometry.size);
         let msg = Message::ManifestRequest {
             disk: self.disk.clone(),
+            generation: self.generation,
             offset,
             len: end - offset,
             chunk_size: self.geometry.chunk_size,

@@ -242,6 +242,10 @@ pub enum Message {
     ManifestRequest {
         /// Disk id.
         disk: String,
+        /// The generation the pass that asks ships in. The master target moves the
+        /// disk into it first (records of older generations are obsolete from then
+        /// on) and hashes only what is durable.
+        generation: u64,
         /// Start, a multiple of `chunk_size`.
         offset: u64,
         /// Length of the range.
@@ -437,11 +441,13 @@ impl Message {
             }
             Message::ManifestRequest {
                 disk,
+                generation,
                 offset,
                 len,
                 chunk_size,
             } => {
                 w.str(disk);
+                w.u64(*generation);
                 w.u64(*offset);
                 w.u64(*len);
                 w.u32(*chunk_size);
@@ -576,6 +582,7 @@ impl Message {
             },
             7 => {
                 let disk = decode_disk_id(&mut r)?;
+                let generation = r.u64("generation")?;
                 let offset = r.u64("offset")?;
                 let len = r.u64("length")?;
                 let chunk_size = decode_chunk_size(&mut r)?;
@@ -586,6 +593,7 @@ impl Message {
                 }
                 Message::ManifestRequest {
                     disk,
+                    generation,
                     offset,
                     len,
                     chunk_size,
@@ -793,14 +801,22 @@ mod tests {
                     seq,
                 }
             }),
-            (disk_id(), any::<u64>(), 0u64..1 << 30, 12u32..20).prop_map(
-                |(disk, offset, len, shift)| Message::ManifestRequest {
-                    disk,
-                    offset,
-                    len,
-                    chunk_size: 1 << shift
-                }
-            ),
+            (
+                disk_id(),
+                any::<u64>(),
+                any::<u64>(),
+                0u64..1 << 30,
+                12u32..20
+            )
+                .prop_map(|(disk, generation, offset, len, shift)| {
+                    Message::ManifestRequest {
+                        disk,
+                        generation,
+                        offset,
+                        len,
+                        chunk_size: 1 << shift,
+                    }
+                }),
             (
                 disk_id(),
                 any::<u64>(),

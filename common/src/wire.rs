@@ -21,7 +21,7 @@ use thiserror::Error;
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"BMRG";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest body any frame may carry (64 MiB): a batch of up to 32 MiB of raw changes

@@ -114,6 +114,7 @@ fn decode_message(dir: &Path) -> std::io::Result<()> {
         },
         Message::ManifestRequest {
             disk: "vm1-disk0".into(),
+            generation: 3,
             offset: 0,
             len: 1 << 20,
             chunk_size: 65536,

@@ -460,6 +460,42 @@ impl Disk {
         Ok(())
     }
 
+    /// Before the replica's hashes are read for a pass that ships in `generation`:
+    /// moves the disk into that generation when it is newer than the one applying,
+    /// so that no record of an older one (still in a process server's spool) lands
+    /// after the read, then waits until everything applied is durable, so that the
+    /// pass compares with what a restart keeps and never with a write that a failed
+    /// flush or a power cut undoes. A paused disk stays where it is.
+    pub async fn ready_for_manifest(&self, generation: u64) -> Result<(), ApplyError> {
+        let at = {
+            let _guard = self.apply_lock.lock().await;
+            let cur = *self.applied.borrow();
+            if generation > cur.generation && self.paused().is_none() {
+                let next = Position {
+                    generation,
+                    next_seq: 0,
+                };
+                {
+                    let mut rec = lock(&self.record);
+                    info!(disk = %self.id, from = rec.position.generation, to = generation, "new generation (its pass asks for the replica's hashes): older records are obsolete, replica inconsistent until its first tag");
+                    rec.position = next;
+                    rec.cut = None;
+                    rec.resync_required = false;
+                }
+                self.applied.send_replace(next);
+                self.dirty.store(true, Ordering::SeqCst);
+                self.flush_kick.notify_one();
+                next
+            } else {
+                if *self.durable.borrow() < cur {
+                    self.flush_kick.notify_one();
+                }
+                cur
+            }
+        };
+        self.wait_durable(at).await
+    }
+
     /// Keeps the journal from being pruned until the returned guard drops.
     pub fn pin_history(self: &Arc<Self>) -> HistoryPin {
         lock(&self.journal).pin();

@@ -1139,6 +1139,69 @@ mod tests {
         }
     }
 
+    fn manifest(generation: u64) -> Message {
+        Message::ManifestRequest {
+            disk: "d0".into(),
+            generation,
+            offset: 0,
+            len: 65536,
+            chunk_size: 65536,
+        }
+    }
+
+    /// Found by the seeded campaign (seed 3131): a new generation's pass compares
+    /// with the replica's hashes, and records of the older generation still in the
+    /// process server's spool landed after they were read: chunks the pass skipped
+    /// as equal were then overwritten with older bytes. Asking for the hashes of a
+    /// new generation makes every older record obsolete first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_of_an_older_generation_land_no_more_once_a_pass_read_the_hashes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let site = Arc::new(site(dir.path()));
+        acked(&site, [batch(1, 0, 1), tag(1, 1, 10)]).await;
+        let want = boomerang_common::ChunkHash::of(&[1u8; 65536]);
+        match crate::server::handle(&site, manifest(2)).await {
+            Message::ManifestResponse { hashes, .. } => assert_eq!(hashes, [want]),
+            other => panic!("answered {}", other.name()),
+        }
+        // Generation 1's next record arrives late; the pass skipped the chunk.
+        acked(&site, [batch(1, 2, 7)]).await;
+        assert_eq!(
+            first_byte(&site),
+            1,
+            "an older generation's record was applied after the pass read the hashes"
+        );
+        // The new generation applies from its first seq.
+        acked(&site, [batch(2, 0, 3)]).await;
+        assert_eq!(first_byte(&site), 3);
+    }
+
+    /// The same campaign round: the hashes were read from a write whose replica flush
+    /// then failed, the restart undid it, and the pass had skipped that chunk. Hashes
+    /// are read only from what is durable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_hashes_never_show_a_write_that_did_not_become_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let site = Arc::new(site(dir.path()));
+        acked(&site, [batch(1, 0, 1), tag(1, 1, 10)]).await;
+        let _full =
+            boomerang_common::faults::arm_under(dir.path(), "replica.sync@1=enospc").expect("arm");
+        let a = crate::server::handle(&site, batch(1, 2, 2)).await;
+        assert!(matches!(a, Message::Error { .. }), "{}", a.name());
+        assert_eq!(
+            first_byte(&site),
+            2,
+            "the unsynced write is in the replica file"
+        );
+        match crate::server::handle(&site, manifest(2)).await {
+            Message::Error { code, .. } => assert_eq!(code, ErrorCode::Unavailable as u16),
+            Message::ManifestResponse { hashes, .. } => {
+                panic!("hashes of a write that is not durable: {hashes:?}")
+            }
+            other => panic!("answered {}", other.name()),
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reprotect_writes_agent_configurations_private() {
         // SAFETY: umask only changes the process's file creation mask; a permissive

@@ -124,10 +124,19 @@ pub async fn handle(site: &Arc<Site>, msg: Message) -> Message {
         }
         Message::ManifestRequest {
             disk,
+            generation,
             offset,
             len,
             chunk_size,
         } => {
+            match disks.get(&disk) {
+                Ok(d) => {
+                    if let Err(e) = d.ready_for_manifest(generation).await {
+                        return Message::error(ErrorCode::Unavailable, e.to_string());
+                    }
+                }
+                Err(e) => return Message::error(ErrorCode::UnknownDisk, e.to_string()),
+            }
             let d = disks.clone();
             let name = disk.clone();
             blocking(move || d.manifest(&name, offset, len, chunk_size))
