@@ -392,6 +392,7 @@ impl Intercept {
                     .map_err(io_err("start journal sync timer", &intercept.file))?,
             );
         }
+        crate::witness::register(&disk.disk_id, &disk.backing);
         info!(
             disk = %disk.disk_id,
             backing = %disk.backing.display(),

@@ -205,6 +205,9 @@ pub(crate) fn tag_all(
             return Err(format!("disk {disk}: cannot journal the tag: {e}"));
         }
     }
+    for (disk, _) in &locked {
+        crate::witness::record(disk, id);
+    }
     Ok(Some(id))
 }
 

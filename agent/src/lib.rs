@@ -10,7 +10,8 @@
 //! - the session: [`link`] (the QUIC link to the process server) and [`control`]
 //!   (check-ins with the master target, directives, the point schedule);
 //! - around them: [`freeze`] (consistency pauses), [`state`] (each disk's durable
-//!   progress), [`config`], [`cli`], [`fault`] (fault injection for tests).
+//!   progress), [`config`], [`cli`], [`fault`] (fault injection for tests),
+//!   [`witness`] (each tag's bytes, for tests).
 
 pub mod cli;
 pub mod config;
@@ -29,3 +30,4 @@ pub mod sync;
 pub mod trace;
 pub mod track;
 pub mod track_journal;
+pub mod witness;

@@ -45,6 +45,9 @@ const READ_BUDGET: u64 = 16 << 20;
 
 struct Served {
     disk: DiskCtx,
+    /// The last run stopped uncleanly (its tracking flag was set), as found before
+    /// this run set the flag again.
+    unclean: bool,
     capture: Arc<Mutex<Capture>>,
     intercept: Option<Intercept>,
     bitmap_path: PathBuf,
@@ -95,6 +98,11 @@ impl Syncer {
             } else {
                 DirtyBitmap::new(size)
             };
+            // Stored before the disk is served: a write accepted from then on may live
+            // only in memory (the bitmap), so a stop from here on is unclean until a
+            // clean one clears the flag.
+            let unclean = crate::sync::unclean_tracking(&disk);
+            set_tracking(&mut disk, true)?;
             let capture = Arc::new(Mutex::new(Capture::new(journal, CaptureState::new(bitmap))));
             let mountpoint = serve_dir.join(&d.id);
             std::fs::create_dir_all(&serve_dir)
@@ -123,6 +131,7 @@ impl Syncer {
             println!("serving {} at {}", d.id, intercept.file_path().display());
             served.push(Served {
                 disk,
+                unclean,
                 capture,
                 intercept: Some(intercept),
                 bitmap_path,
@@ -134,7 +143,7 @@ impl Syncer {
         // the agent serves it), so the generation goes on without a rescan, provided
         // the master target agrees on where it stands.
         for s in &mut served {
-            let unclean = crate::sync::unclean_tracking(&s.disk);
+            let unclean = s.unclean;
             let mine = s.disk.state.get().clone();
             let mut resume = !unclean
                 && mine.generation > 0
@@ -144,7 +153,6 @@ impl Syncer {
                 let remote = self.disk_state(&s.disk).await?;
                 resume = remote.generation == mine.generation && remote.next_seq <= mine.next_seq;
             }
-            set_tracking(&mut s.disk, true)?;
             if resume {
                 info!(disk = %s.disk.id, generation = mine.generation, next_seq = mine.next_seq, "clean restart: continuing the generation without a rescan");
             } else {

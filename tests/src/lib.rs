@@ -48,7 +48,7 @@ pub use disk::{
     block_differences, block_differences_ignoring, change_chunks, files_equal, first_difference,
     make_mixed_image, sha256_file,
 };
-pub use loopdev::{e2fsck_clean, mkfs_ext4, FreezeGuard, LoopDevice, Mount};
+pub use loopdev::{e2fsck_clean, e2fsck_recovers_clean, mkfs_ext4, FreezeGuard, LoopDevice, Mount};
 pub use pki::TestPki;
 pub use powercut::{require_power_cut, CutMode, PowerCutFs, PowerCutOptions};
 pub use privileged::{require_privileged, Need};

@@ -124,6 +124,20 @@ pub fn e2fsck_clean(dev: &Path) -> Result<(), String> {
     }
 }
 
+/// Whether the ext4 image `image` (a crash-consistent copy, its journal possibly
+/// holding committed transactions) recovers clean: its journal is replayed
+/// (`e2fsck -E journal_only -y`, as a mount would), then `e2fsck -fn` must find
+/// nothing. Changes `image`: give it a scratch copy.
+pub fn e2fsck_recovers_clean(image: &Path) -> Result<(), String> {
+    let mut replay = Command::new(tool("e2fsck"));
+    replay.args(["-E", "journal_only", "-y"]).arg(image);
+    let out = run(&mut replay);
+    if out.status.code().is_none_or(|c| c > 1) {
+        return Err(failure_message(&replay, &out));
+    }
+    e2fsck_clean(image)
+}
+
 /// A mounted filesystem, unmounted on drop (lazily if a plain umount fails).
 #[derive(Debug)]
 pub struct Mount {

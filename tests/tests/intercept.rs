@@ -48,8 +48,8 @@ use boomerang_tests::privileged::{find_tool, privileged_tests_required, tool, PR
 use boomerang_tests::process::{run, run_ok};
 use boomerang_tests::rng::{fill_text, DataRng};
 use boomerang_tests::{
-    e2fsck_clean, mkfs_ext4, require_privileged, write_tree, Cluster, ClusterConfig, LoopDevice,
-    Mount, Need,
+    e2fsck_clean, e2fsck_recovers_clean, mkfs_ext4, require_privileged, write_tree, Cluster,
+    ClusterConfig, LoopDevice, Mount, Need,
 };
 use serde_json::Value;
 
@@ -184,6 +184,7 @@ struct Fixture {
     // Field order is drop order: unmount a dead agent's FUSE mount, then stop the
     // daemons and remove the scratch.
     serve: ServeDirGuard,
+    size: u64,
     backing: PathBuf,
     serve_dir: PathBuf,
     cluster: Cluster,
@@ -191,16 +192,22 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
+        Fixture::with_size(DISK_SIZE)
+    }
+
+    /// A fixture whose sparse backing image holds `size` bytes.
+    fn with_size(size: u64) -> Fixture {
         let cluster = Cluster::start(ClusterConfig::default());
         let backing = cluster.root().join("backing.img");
         File::create(&backing)
-            .and_then(|f| f.set_len(DISK_SIZE))
+            .and_then(|f| f.set_len(size))
             .unwrap_or_else(|e| panic!("create sparse image {}: {e}", backing.display()));
         let serve_dir = cluster.root().join("serve");
         std::fs::create_dir_all(&serve_dir)
             .unwrap_or_else(|e| panic!("mkdir {}: {e}", serve_dir.display()));
         Fixture {
             serve: ServeDirGuard(serve_dir.join(DISK)),
+            size,
             backing,
             serve_dir,
             cluster,
@@ -224,15 +231,20 @@ impl Fixture {
     /// `boomerang-agent track --source intercept --serve-dir ... --disk d0=<backing>
     /// --crash-interval 1 --json`, plus `extra`.
     fn spawn_track(&self, extra: &[&str]) -> AgentProcess {
+        self.spawn_track_env(extra, &[])
+    }
+
+    /// [`Fixture::spawn_track`] with `env` added to the agent's environment.
+    fn spawn_track_env(&self, extra: &[&str], env: &[(&str, &Path)]) -> AgentProcess {
         let args = self.cluster.agent(AGENT).disk(DISK, &self.backing);
         let mut argv = args.to_track_intercept_args(&self.serve_dir);
         argv.extend(["--crash-interval", "1"].map(OsString::from));
         argv.extend(extra.iter().map(OsString::from));
-        AgentProcess::spawn_command(
-            &self.cluster,
-            AGENT,
-            boomerang_command(cli::AGENT_BIN, argv),
-        )
+        let mut cmd = boomerang_command(cli::AGENT_BIN, argv);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        AgentProcess::spawn_command(&self.cluster, AGENT, cmd)
     }
 
     /// Waits for `serving d0 at <file>` on the agent's stdout; returns the file.
@@ -249,7 +261,7 @@ impl Fixture {
                     "the agent serves d0 somewhere else than <serve dir>/d0/disk"
                 );
                 let size = byte_size(&file);
-                assert_eq!(size, DISK_SIZE, "the served file's size");
+                assert_eq!(size, self.size, "the served file's size");
                 return file;
             }
             if let Some(status) = agent.try_exit() {
@@ -1114,4 +1126,223 @@ fn kill9_while_serving_then_restart() {
     if let Some(why) = unclear_refusal {
         panic!("{why}");
     }
+}
+
+/// Issue 9: a minute of ext4 writes through the intercept source while the process
+/// server and the master target are killed -9 at random moments every 1-5 s (and
+/// started again at once, as a service manager does). Afterwards the points listed
+/// cover the whole minute, no two consecutive ones more than 2 s apart; every point
+/// gives back exactly the bytes the source had at its tag (the agent writes each
+/// tag's blake3 while it holds the write-order lock: `BOOMERANG_TAG_WITNESS_DIR`),
+/// and its file system is clean for `e2fsck`. `BOOMERANG_SEED` picks the kills.
+#[test]
+#[ignore = "stalls in about half the runs: after the minute the master target waits on a seq the process server never forwards (open, see the issue 9 note); run with --run-ignored"]
+fn a_minute_of_process_server_and_master_target_kills_keeps_every_point() {
+    const SIZE: u64 = 64 * MIB;
+    const MINUTE: Duration = Duration::from_secs(60);
+    const MAX_GAP_MS: u64 = 2000;
+    if !gate("a_minute_of_process_server_and_master_target_kills_keeps_every_point") {
+        return;
+    }
+    let seed = std::env::var("BOOMERANG_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(9);
+    eprintln!("kill seed {seed} (BOOMERANG_SEED={seed} replays it)");
+    let mut fx = Fixture::with_size(SIZE);
+    let witness = fx.cluster.root().join("witness");
+    let mut agent = fx.spawn_track_env(&[], &[("BOOMERANG_TAG_WITNESS_DIR", &witness)]);
+    let served = fx.wait_serving(&mut agent);
+    let dev = LoopDevice::attach(&served);
+    mkfs_ext4(dev.path());
+    let mount = Mount::new(dev.path(), &fx.cluster.root().join("mnt"), false);
+    let writer = Writer::start(mount.dir(), seed, false);
+    let mut rng = DataRng::new(seed);
+    let from = now_ms();
+    let until = Instant::now() + MINUTE;
+    let mut kills = Vec::new();
+    loop {
+        let next = Instant::now() + Duration::from_millis(rng.between(1000, 5000));
+        if next >= until {
+            break;
+        }
+        while Instant::now() < next {
+            agent.assert_running("under the kills");
+            assert!(writer.is_running(), "the writer stopped early");
+            thread::sleep(Duration::from_millis(50));
+        }
+        match rng.below(3) {
+            0 => {
+                fx.cluster.restart_ps();
+                kills.push("ps");
+            }
+            1 => {
+                fx.cluster.restart_mt();
+                kills.push("mt");
+            }
+            _ => {
+                fx.cluster.restart_mt();
+                fx.cluster.restart_ps();
+                kills.push("both");
+            }
+        }
+    }
+    while Instant::now() < until {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let to = now_ms();
+    let stats = writer.finish();
+    eprintln!("writer: {stats:?}; kills ({}): {kills:?}", kills.len());
+    sync_all();
+    mount.unmount();
+    dev.detach();
+    let detached = now_ms();
+    fx.wait_line(
+        &mut agent,
+        Duration::from_secs(60),
+        "a crash-consistent cut after the minute",
+        |l| l.is_crash_cut_after(detached),
+    );
+
+    let points: Vec<cli::PointInfo> = fx
+        .cluster
+        .mt_points(AGENT)
+        .into_iter()
+        .filter(|p| p.kind == CUT_CRASH)
+        .collect();
+    let times: Vec<u64> = points.iter().map(|p| p.time_ms).collect();
+    let mut edges = vec![from];
+    edges.extend(times.iter().copied().filter(|&t| t > from && t < to));
+    edges.push(to);
+    let gaps: Vec<u64> = edges.windows(2).map(|w| w[1] - w[0]).collect();
+    let mut sorted = gaps.clone();
+    sorted.sort_unstable();
+    eprintln!(
+        "{} points in the minute; gaps between consecutive points: median {} ms, max {} ms",
+        edges.len() - 2,
+        sorted[sorted.len() / 2],
+        sorted.last().copied().unwrap_or(0)
+    );
+    for (w, gap) in edges.windows(2).zip(&gaps) {
+        assert!(
+            *gap <= MAX_GAP_MS,
+            "no point between {} and {} ({gap} ms, the minute ran {from}..{to}); kills {kills:?}\n{}",
+            w[0],
+            w[1],
+            agent.log_tail(60)
+        );
+    }
+
+    let target = fx.cluster.root().join("point.img");
+    let mut checked = 0;
+    for p in &points {
+        let Ok(want) = std::fs::read_to_string(witness.join(DISK).join(p.id.to_string())) else {
+            panic!("point {} has no witness: the agent did not cut it", p.id);
+        };
+        let mut args = cli::point_to_args(&p.id.to_string(), &[(DISK.to_string(), target.clone())]);
+        args.push("--json".into());
+        let out = fx.cluster.mt_op_output("test-failover", AGENT, &args);
+        assert!(
+            out.status.success(),
+            "test-failover of point {}: {}",
+            p.id,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let image = std::fs::read(&target).expect("read the point");
+        let got = boomerang_common::hash::ChunkHash::of(&image).to_hex();
+        assert_eq!(
+            got,
+            want.trim(),
+            "point {} is not the bytes the source had at its tag",
+            p.id
+        );
+        if let Err(e) = e2fsck_recovers_clean(&target) {
+            panic!(
+                "point {}: the file system does not recover clean:\n{e}",
+                p.id
+            );
+        }
+        let cleanup = fx
+            .cluster
+            .mt_op_output("test-failover", AGENT, &["--cleanup".into()]);
+        assert!(cleanup.status.success(), "test-failover --cleanup");
+        checked += 1;
+    }
+    eprintln!("{checked} points materialized: each the bytes at its tag, e2fsck clean");
+    assert!(checked >= 30, "only {checked} points to check");
+    fx.stop(&mut agent);
+}
+
+/// Found by the seeded campaign (seed 3131, round 181): the agent served the disk
+/// before it stored its tracking flag, which waited for the master target's answer.
+/// Killed in between (here: while the master target is down), writes it had only
+/// marked in its in-memory bitmap (its journal had failed) were lost, and the next
+/// start took the stop for a clean one and went on without a rescan: points missed
+/// those writes. The flag is stored before the disk is served.
+#[test]
+fn writes_served_before_the_master_target_answered_survive_a_kill() {
+    if !gate("writes_served_before_the_master_target_answered_survive_a_kill") {
+        return;
+    }
+    let mut fx = Fixture::with_size(16 * MIB);
+    // 1. A first run establishes the generation and stops cleanly.
+    let mut agent = fx.spawn_track(&[]);
+    fx.wait_serving(&mut agent);
+    let started = now_ms();
+    fx.wait_line(
+        &mut agent,
+        CUT_TIMEOUT,
+        "a first crash-consistent cut",
+        |l| l.is_crash_cut_after(started),
+    );
+    fx.stop(&mut agent);
+    // 2. The master target is down; the agent's journal fails at its first write, so
+    //    the write is only marked in the bitmap; then the agent is killed.
+    fx.cluster.mt().kill9();
+    let mut agent = fx.spawn_track_env(
+        &[],
+        &[("BOOMERANG_FAULTS", Path::new("journal.write@1=eio"))],
+    );
+    let served = fx.wait_serving(&mut agent);
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&served)
+            .expect("open the served disk");
+        f.write_all_at(&[0x5a; 65536], 3 * MIB)
+            .expect("write the served disk");
+        f.sync_all().expect("fsync the served disk");
+    }
+    let wrote = fx.log();
+    assert!(
+        wrote.contains("bitmap mode"),
+        "the journal fault did not put the disk in bitmap mode:\n{}",
+        agent.log_tail(30)
+    );
+    agent.kill9();
+    run_ok(
+        Command::new(tool("umount"))
+            .arg("-l")
+            .arg(fx.disk_mount_point()),
+    );
+    // 3. With the master target back, the next start must find the stop unclean and
+    //    resync: the replica ends equal to the backing image.
+    fx.cluster.restart_mt();
+    let log_before = fx.log().len();
+    let mut agent = fx.spawn_track(&[]);
+    fx.wait_serving(&mut agent);
+    let restarted = now_ms();
+    fx.wait_line(
+        &mut agent,
+        CUT_TIMEOUT,
+        "a crash-consistent cut after the restart",
+        |l| l.is_crash_cut_after(restarted),
+    );
+    let said = fx.log()[log_before..].to_string();
+    fx.stop(&mut agent);
+    assert!(
+        !said.contains("clean restart"),
+        "the restart after the kill took it for a clean stop:\n{said}"
+    );
+    fx.assert_replica_equal("after the restart", &agent);
 }
