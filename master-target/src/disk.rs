@@ -477,23 +477,27 @@ impl Disk {
                 };
                 {
                     let mut rec = lock(&self.record);
-                    info!(disk = %self.id, from = rec.position.generation, to = generation, "new generation (its pass asks for the replica's hashes): older records are obsolete, replica inconsistent until its first tag");
+                    self.enter_generation(&mut rec, generation, "its pass asked for the hashes");
                     rec.position = next;
-                    rec.cut = None;
-                    rec.resync_required = false;
                 }
                 self.applied.send_replace(next);
                 self.dirty.store(true, Ordering::SeqCst);
                 self.flush_kick.notify_one();
                 next
             } else {
-                if *self.durable.borrow() < cur {
-                    self.flush_kick.notify_one();
-                }
+                // Whatever is applied and not yet durable has its flush kicked already.
                 cur
             }
         };
         self.wait_durable(at).await
+    }
+
+    /// The record's side of a new generation starting (`why`): the replica holds no
+    /// cut until the generation's first tag, and the resync asked for is under way.
+    fn enter_generation(&self, rec: &mut DiskRecord, generation: u64, why: &str) {
+        info!(disk = %self.id, from = rec.position.generation, to = generation, why, "new generation: older records are obsolete, replica inconsistent until its first tag");
+        rec.cut = None;
+        rec.resync_required = false;
     }
 
     /// Keeps the journal from being pruned until the returned guard drops.
@@ -798,9 +802,7 @@ impl Disk {
                 {
                     let mut rec = lock(&self.record);
                     if generation > rec.position.generation {
-                        info!(disk = %self.id, from = rec.position.generation, to = generation, "new generation: replica inconsistent until its first tag");
-                        rec.cut = None;
-                        rec.resync_required = false;
+                        self.enter_generation(&mut rec, generation, "its first record");
                     }
                 }
                 if let Err(e) = apply(self) {

@@ -203,6 +203,17 @@ fn index(rng: &mut DataRng, len: usize) -> usize {
     usize::try_from(rng.below(len)).expect("index below a slice length fits in usize")
 }
 
+/// A test's seed: `BOOMERANG_SEED` when set (to replay a run), else `default()`.
+/// Printed with `what`, so a failing run says how to replay it.
+pub fn seed_from_env(what: &str, default: impl FnOnce() -> u64) -> u64 {
+    let seed = std::env::var("BOOMERANG_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(default);
+    eprintln!("{what} seed {seed} (BOOMERANG_SEED={seed} replays it)");
+    seed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

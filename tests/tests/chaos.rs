@@ -15,11 +15,7 @@ fn a_short_seeded_fault_campaign_loses_nothing() {
     if !require_power_cut("a_short_seeded_fault_campaign_loses_nothing") {
         return;
     }
-    let seed = std::env::var("BOOMERANG_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(13);
-    eprintln!("chaos seed {seed} (BOOMERANG_SEED={seed} replays it)");
+    let seed = boomerang_tests::rng::seed_from_env("chaos", || 13);
     let summary = boomerang_tests::chaos::run(seed, 12, 16).expect("the campaign ran");
     eprintln!("{}", summary.details());
     eprintln!("{summary}");

@@ -1144,11 +1144,7 @@ fn a_minute_of_process_server_and_master_target_kills_keeps_every_point() {
     if !gate("a_minute_of_process_server_and_master_target_kills_keeps_every_point") {
         return;
     }
-    let seed = std::env::var("BOOMERANG_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(9);
-    eprintln!("kill seed {seed} (BOOMERANG_SEED={seed} replays it)");
+    let seed = boomerang_tests::rng::seed_from_env("kill", || 9);
     let mut fx = Fixture::with_size(SIZE);
     let witness = fx.cluster.root().join("witness");
     let mut agent = fx.spawn_track_env(&[], &[("BOOMERANG_TAG_WITNESS_DIR", &witness)]);

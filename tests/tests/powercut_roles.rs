@@ -31,16 +31,11 @@ const PROGRESS_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The seed of this run's `KeepSome` cuts: `BOOMERANG_SEED`, or the clock.
 fn seed() -> u64 {
-    let seed = std::env::var("BOOMERANG_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_secs() ^ u64::from(d.subsec_nanos()))
-        });
-    eprintln!("power-cut seed {seed} (BOOMERANG_SEED={seed} replays it)");
-    seed
+    boomerang_tests::rng::seed_from_env("power-cut", || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs() ^ u64::from(d.subsec_nanos()))
+    })
 }
 
 /// A power-cut mount in a scratch directory; its guard unmounts on drop.
