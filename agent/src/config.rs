@@ -76,6 +76,12 @@ pub struct AgentConfig {
     /// How long a request keeps retrying an unreachable process server, in seconds.
     /// Default: 600.
     pub retry_secs: u64,
+    /// How long a sync waits for the master target to move at all past its last
+    /// records, in seconds, before it gives up (a record it needs was refused or
+    /// lost); the next sync then starts a new generation. Longer than the master
+    /// target's gap timeout (120 s), so a gap it can still fill is waited for.
+    /// Default: 180.
+    pub drain_stall_secs: u64,
     /// Seconds between syncs in `run` mode.
     /// Default: 300.
     pub interval_secs: u64,
@@ -155,6 +161,7 @@ impl Default for AgentConfig {
             thaw_hook: None,
             freeze_deadline_secs: 60.0,
             retry_secs: 600,
+            drain_stall_secs: 180,
             interval_secs: 300,
             ship_interval_ms: 1000,
             crash_interval_secs: 300.0,
@@ -233,6 +240,9 @@ impl AgentConfig {
             }
         }
         self.trace.validate()?;
+        if self.drain_stall_secs == 0 {
+            return Err("drain_stall_secs must be at least 1".into());
+        }
         if self.journal_mib == 0 {
             return Err("journal_mib must be at least 1".into());
         }

@@ -37,10 +37,6 @@ use crate::state::{self, DiskProgress, PassState};
 
 /// Bytes of disk covered by one manifest request.
 const MANIFEST_SPAN: u64 = 256 << 20;
-/// How long `drain` waits for the master target to move at all before it gives up
-/// (longer than the master target's gap timeout, 120 s); the next run then starts a
-/// new generation ([`DiskProgress::hole`]).
-const DRAIN_STALL: Duration = Duration::from_secs(180);
 
 /// What one disk's sync did.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -435,6 +431,8 @@ impl Syncer {
             return Ok(());
         };
         let generation = disk.state.get().generation;
+        // The next run starts a new generation when this gives up (`hole`).
+        let stall = Duration::from_secs(self.config.drain_stall_secs);
         let started = Instant::now();
         let mut last_log = Instant::now();
         let mut progress = (None, Instant::now());
@@ -450,7 +448,7 @@ impl Syncer {
             let at = Some((remote.generation, remote.next_seq));
             if at != progress.0 {
                 progress = (at, Instant::now());
-            } else if progress.1.elapsed() > DRAIN_STALL {
+            } else if progress.1.elapsed() > stall {
                 let mut p = disk.state.get().clone();
                 p.hole = true;
                 disk.state.store(p)?;
@@ -459,7 +457,7 @@ impl Syncer {
                     remote.next_seq,
                     disk.id,
                     remote.generation,
-                    DRAIN_STALL.as_secs()
+                    stall.as_secs()
                 );
             }
             for seq in remote.resend {

@@ -235,7 +235,8 @@ pub enum Message {
         disk: String,
         /// Generation.
         generation: u64,
-        /// Highest durable seq.
+        /// Highest seq of `generation` held durably: the acknowledged record's own, or
+        /// past it when the master target already held later ones (a resend).
         seq: u64,
     },
     /// Ask for the replica's chunk hashes of `[offset, offset + len)`.

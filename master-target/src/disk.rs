@@ -392,6 +392,18 @@ impl Disk {
         *self.durable.borrow()
     }
 
+    /// The seq a durable ack of record `seq` of `generation` names: the highest seq
+    /// of that generation held durably, at or past `seq` (a resend of an old record
+    /// tells the process server how far the disk already is).
+    pub fn acked_through(&self, generation: u64, seq: u64) -> u64 {
+        let d = self.durable();
+        if d.generation == generation && d.next_seq > seq {
+            d.next_seq - 1
+        } else {
+            seq
+        }
+    }
+
     /// The record as last stored (what a restart would find).
     pub fn durable_record(&self) -> DiskRecord {
         lock(&self.state).get().clone()
@@ -1027,6 +1039,11 @@ mod tests {
         assert_eq!(
             disk.apply_batch(1, 0, again).await.expect("resend"),
             Outcome::Duplicate
+        );
+        assert_eq!(
+            disk.acked_through(1, 0),
+            1,
+            "its ack names the highest seq held, so a forwarder goes on after it"
         );
         assert_eq!(
             read(dir.path(), 0),

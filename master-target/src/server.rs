@@ -173,9 +173,9 @@ pub async fn handle(site: &Arc<Site>, msg: Message) -> Message {
                         debug!(disk = %id, generation, seq, ?outcome, "batch not applied again");
                     }
                     Message::DurableAck {
+                        seq: disk.acked_through(generation, seq),
                         disk: id,
                         generation,
-                        seq,
                     }
                 }
                 Err(e) => {
@@ -191,9 +191,9 @@ pub async fn handle(site: &Arc<Site>, msg: Message) -> Message {
             };
             match disk.apply_tag(&tag).await {
                 Ok(_) => Message::DurableAck {
+                    seq: disk.acked_through(tag.generation, tag.seq),
                     disk: tag.disk,
                     generation: tag.generation,
-                    seq: tag.seq,
                 },
                 Err(e) => refusal(site, &disk, &e),
             }

@@ -117,6 +117,21 @@ impl Holds {
     }
 }
 
+/// The master target acknowledged `key` with the highest seq of its generation it
+/// holds durably (`seq`, at or past the key's own): the disk may go on right after
+/// it. After a restart the spool can hold an old record whose successors were
+/// acknowledged and retired before the kill; without this the forwarder would wait
+/// for a successor that no one will send again.
+fn durable_through(sent: &mut HashMap<String, (u64, u64)>, key: &Key, generation: u64, seq: u64) {
+    if generation != key.1 || seq < key.2 {
+        return;
+    }
+    let e = sent.entry(key.0.clone()).or_insert((generation, seq));
+    if (generation, seq) > *e {
+        *e = (generation, seq);
+    }
+}
+
 /// Forwards the spool to the master target until shutdown, with at most `window`
 /// records in flight.
 pub async fn forward_loop(
@@ -183,9 +198,10 @@ pub async fn forward_loop(
                 let Ok((key, result)) = done else { continue };
                 in_flight.remove(&key);
                 match result {
-                    Ok(Message::DurableAck { .. }) => {
+                    Ok(Message::DurableAck { generation, seq, .. }) => {
                         holds.accepted(&key.0);
                         spool.remove(&key);
+                        durable_through(&mut sent, &key, generation, seq);
                     }
                     Ok(Message::Error { code, reason }) if code == ErrorCode::IntegrityFailure as u16 => {
                         warn!(?key, %reason, "master target refused a record (integrity); dropped it, the agent will be asked to resend");
@@ -247,13 +263,15 @@ mod tests {
         arrivals: std::sync::Mutex<Vec<std::time::Instant>>,
     }
 
-    /// A master target on loopback that answers every record of disk `stuck` with
-    /// `stuck_answer` (counting them) and acknowledges every other record.
-    async fn master(
+    /// A master target on loopback answering each tag with `answer`.
+    async fn serve_tags<F, Fut>(
         dir: &std::path::Path,
-        stuck_answer: ErrorCode,
-        seen: Arc<Seen>,
-    ) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+        answer: F,
+    ) -> (SocketAddr, tokio::sync::watch::Sender<bool>)
+    where
+        F: Fn(boomerang_common::message::Tag) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Message> + Send + 'static,
+    {
         let endpoint = transport::server_endpoint(
             "127.0.0.1:0".parse().expect("addr"),
             &tls(dir, Role::Mt, "mt1"),
@@ -267,11 +285,53 @@ mod tests {
             software: "test".into(),
         };
         let handler = move |msg: Message, _frame: bytes::Bytes| {
+            let answer = answer.clone();
+            async move {
+                match msg {
+                    Message::Tag(t) => answer(t).await,
+                    _ => Message::error(ErrorCode::BadRequest, "tags only"),
+                }
+            }
+        };
+        tokio::spawn(async move {
+            transport::serve(&endpoint, &[Role::Ps], hello, shutdown, handler).await;
+        });
+        (addr, stop)
+    }
+
+    /// A process server's forwarder to `addr`, with a window of 8.
+    fn forwarder(
+        dir: &std::path::Path,
+        spool: &Arc<Spool>,
+        addr: SocketAddr,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        tokio::sync::watch::Sender<bool>,
+    ) {
+        let endpoint = transport::client_endpoint(&tls(dir, Role::Ps, "ps1")).expect("ps endpoint");
+        let hello = Message::Hello {
+            role: Role::Ps,
+            name: "ps1".into(),
+            software: "test".into(),
+        };
+        let link = MasterLink::new(endpoint, addr, hello);
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        (
+            tokio::spawn(forward_loop(spool.clone(), link, 8, shutdown)),
+            stop,
+        )
+    }
+
+    /// A master target on loopback that answers every record of disk `stuck` with
+    /// `stuck_answer` (counting them) and acknowledges every other record.
+    async fn master(
+        dir: &std::path::Path,
+        stuck_answer: ErrorCode,
+        seen: Arc<Seen>,
+    ) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+        serve_tags(dir, move |t| {
             let seen = seen.clone();
             async move {
-                let Message::Tag(t) = msg else {
-                    return Message::error(ErrorCode::BadRequest, "tags only");
-                };
                 if t.disk == "stuck" {
                     seen.refused.fetch_add(1, Ordering::SeqCst);
                     return Message::error(stuck_answer, "paused: failing over");
@@ -286,11 +346,8 @@ mod tests {
                     seq: t.seq,
                 }
             }
-        };
-        tokio::spawn(async move {
-            transport::serve(&endpoint, &[Role::Ps], hello, shutdown, handler).await;
-        });
-        (addr, stop)
+        })
+        .await
     }
 
     /// Spools one record of disk `stuck` and `moving` records of disk `moving`, and
@@ -312,16 +369,7 @@ mod tests {
             let m = tag("moving", seq);
             spool.append(&m, m.encode()).await.expect("append");
         }
-        let endpoint =
-            transport::client_endpoint(&tls(dir.path(), Role::Ps, "ps1")).expect("ps endpoint");
-        let hello = Message::Hello {
-            role: Role::Ps,
-            name: "ps1".into(),
-            software: "test".into(),
-        };
-        let link = MasterLink::new(endpoint, addr, hello);
-        let (ps_stop, ps_shutdown) = tokio::sync::watch::channel(false);
-        let forwarder = tokio::spawn(forward_loop(spool.clone(), link, 8, ps_shutdown));
+        let (forwarder, ps_stop) = forwarder(dir.path(), &spool, addr);
         let drained = |s: &Spool| {
             s.next_unsent(
                 &BTreeSet::new(),
@@ -387,5 +435,59 @@ mod tests {
         let (spool, refused, _) = forward_past_a_stuck_disk(ErrorCode::Gone, 20).await;
         assert_eq!(refused, 1, "a final answer is not asked again");
         assert_eq!(spool.usage().0, 0, "nothing is left in the spool");
+    }
+
+    /// Found by the minute of process-server and master-target kills: after a restart
+    /// the spool held seq 0 of a disk (its segment not yet retired) and then seq 5:
+    /// seqs 1-4 had been acknowledged and their segment retired. The master target
+    /// acknowledged the resent seq 0 as a duplicate, and the forwarder, counting only
+    /// what it had sent itself, waited for a seq 1 that would never come: the disk
+    /// stopped for good. The master target's ack names the highest seq it holds
+    /// durably, and the forwarder goes on from there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gap_the_master_target_already_holds_does_not_stop_the_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        pki::init_ca(dir.path()).expect("ca");
+        // Durable at the master target: seqs 0-4.
+        let next = Arc::new(AtomicU64::new(5));
+        let (addr, stop) = serve_tags(dir.path(), {
+            let next = next.clone();
+            move |t| {
+                let next = next.clone();
+                async move {
+                    let n = next.load(Ordering::SeqCst);
+                    if t.seq > n {
+                        // The real master target holds a record past a gap for minutes.
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        return Message::error(ErrorCode::Unavailable, "gap");
+                    }
+                    if t.seq == n {
+                        next.store(n + 1, Ordering::SeqCst);
+                    }
+                    Message::DurableAck {
+                        disk: t.disk,
+                        generation: t.generation,
+                        seq: next.load(Ordering::SeqCst) - 1,
+                    }
+                }
+            }
+        })
+        .await;
+        let spool = Spool::open(&dir.path().join("spool"), 64 << 20).expect("spool");
+        for seq in [0, 5] {
+            let m = tag("d", seq);
+            spool.append(&m, m.encode()).await.expect("append");
+        }
+        let (forwarder, ps_stop) = forwarder(dir.path(), &spool, addr);
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while spool.usage().0 > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = spool.usage().0;
+        let _ = ps_stop.send(true);
+        let _ = forwarder.await;
+        let _ = stop.send(true);
+        assert_eq!(left, 0, "seq 5 was never forwarded");
+        assert_eq!(next.load(Ordering::SeqCst), 6, "seq 5 applied");
     }
 }

@@ -1136,7 +1136,6 @@ fn kill9_while_serving_then_restart() {
 /// tag's blake3 while it holds the write-order lock: `BOOMERANG_TAG_WITNESS_DIR`),
 /// and its file system is clean for `e2fsck`. `BOOMERANG_SEED` picks the kills.
 #[test]
-#[ignore = "stalls in about half the runs: after the minute the master target waits on a seq the process server never forwards (open, see the issue 9 note); run with --run-ignored"]
 fn a_minute_of_process_server_and_master_target_kills_keeps_every_point() {
     const SIZE: u64 = 64 * MIB;
     const MINUTE: Duration = Duration::from_secs(60);

@@ -409,6 +409,53 @@ fn corrupted_batch_is_refused_counted_and_resent() {
     assert_log_mentions(cluster.mt(), "integrity check failed");
 }
 
+// Issue 9, defect 2: a sync whose records the master target never takes (here every
+// replica write fails with ENOSPC, so it answers but does not move) gives up after
+// `drain_stall_secs` with a reason instead of waiting for ever, and leaves a hole
+// flag: the next sync, against a healthy master target, starts a new generation and
+// completes.
+#[test]
+fn a_sync_the_master_target_never_takes_gives_up_and_the_next_starts_over() {
+    let mut cluster = cluster();
+    let source = cluster.root().join("source.img");
+    random_image(&source, 8 * MIB, 11);
+    let config = cluster.root().join("agent.toml");
+    std::fs::write(&config, "drain_stall_secs = 3\n").expect("write the agent config");
+    let mut args = cluster.agent1().disk(DISK, &source);
+    args.extra = vec!["--config".into(), config.into()];
+    cluster.restart_mt_with(|s| s.env("BOOMERANG_FAULTS", "replica.write@1=enospc*"));
+
+    let started = Instant::now();
+    let out = cluster.agent_sync_output(&args);
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the sync succeeded: {stderr}");
+    assert!(
+        stderr.contains("has not moved past seq") && stderr.contains("starts a new generation"),
+        "the failure does not say why and what next: {stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(60),
+        "it gave up only after {took:?}"
+    );
+
+    cluster.restart_mt_with(|s| s.env("BOOMERANG_FAULTS", ""));
+    // The default wait: the process server may hold the disk back a few seconds
+    // after the refusals before it tries the healthy master target.
+    args.extra.clear();
+    let report = sync(&cluster, &args);
+    let generation = report_field(&report, DISK, "generation")
+        .as_u64()
+        .unwrap_or_else(|| panic!("no `generation` in {}", report.raw));
+    eprintln!("gave up after {took:?}; the next sync shipped in generation {generation}");
+    assert!(
+        generation >= 2,
+        "the next sync did not start a new generation: {}",
+        report.raw
+    );
+    assert_replica_equals_source(&cluster, DISK, &source);
+}
+
 // Rule 6: a certificate from another CA is refused in the TLS handshake, the agent
 // fails fast naming the refusal, and nothing reaches the master target.
 #[test]
