@@ -153,6 +153,7 @@ impl Syncer {
                     format!("tracing writes of disk {} ({})", d.id, d.path.display())
                 })?,
             };
+            crate::witness::register(&d.id, &d.path);
             disks.push(Tracked { disk, tracer });
         }
         // With a way to pause writes, the replica becomes consistent at a real point
@@ -540,6 +541,11 @@ impl Syncer {
         };
         let cut_ms = now_ms();
         let captured = self.capture(disks, deadline).await;
+        // Tests only (unset: nothing): each disk's bytes at the cut, writes still held.
+        let witnessed: Vec<Option<String>> = disks
+            .iter()
+            .map(|t| crate::witness::hash_now(&t.disk.id))
+            .collect();
         // Phase one of a coordinated point, still paused: every disk of the group
         // must be paused at the same id before any of them is tagged.
         let decision = match slot {
@@ -594,7 +600,10 @@ impl Syncer {
                 (id, id)
             }
         };
-        for (t, frames) in disks.iter_mut().zip(captured) {
+        for ((t, frames), witness) in disks.iter_mut().zip(captured).zip(&witnessed) {
+            if let Some(hash) = witness {
+                crate::witness::write(&t.disk.id, point_id, hash);
+            }
             self.ship(&mut t.disk, frames, report).await?;
             self.tag(&mut t.disk, kind, point_id, time_ms).await?;
         }

@@ -1,15 +1,19 @@
-//! A test aid: with `BOOMERANG_TAG_WITNESS_DIR=<dir>` set, every tag the intercept
-//! source cuts writes, while it still holds the write-order locks, the blake3 (hex) of
-//! each disk's backing image to `<dir>/<disk>/<point id>`: the bytes the source had at the
-//! tag, for a test to compare with what the master target gives back for the point.
-//! It reads every disk whole at every tag, stalling the workload's writes meanwhile:
-//! never set it in production. Unset, nothing is registered and nothing is read.
+//! A test aid: with `BOOMERANG_TAG_WITNESS_DIR=<dir>` set, every point a continuous
+//! source cuts writes the blake3 (hex) of each disk's bytes at the point to
+//! `<dir>/<disk>/<point id>`, for a test to compare with what the master target gives
+//! back for the point. The intercept source hashes while it holds the write-order
+//! locks, the trace source while the file systems are frozen (block devices are read
+//! with O_DIRECT, past their page cache). It reads every disk whole at every point,
+//! holding the workload's writes meanwhile: never set it in production. Unset,
+//! nothing is registered and nothing is read.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use boomerang_common::ChunkHash;
+
+use crate::source::ChangeSource as _;
 use tracing::warn;
 
 /// The variable naming the directory.
@@ -39,27 +43,52 @@ pub fn register(disk: &str, backing: &Path) {
 /// Writes the witness of `disk` at tag `point_id`; the caller holds the disk's
 /// write-order lock. Failures are logged: the test then finds no witness.
 pub fn record(disk: &str, point_id: u64) {
-    let Some(dir) = dir() else {
-        return;
-    };
-    let Some(backing) = backings()
+    if let Some(hash) = hash_now(disk) {
+        write(disk, point_id, &hash);
+    }
+}
+
+/// The blake3 (hex) of `disk`'s bytes now, when witnessing is on; the caller holds
+/// its writes. `None` (logged) when it cannot be read.
+pub fn hash_now(disk: &str) -> Option<String> {
+    dir()?;
+    let backing = backings()
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .get(disk)
-        .cloned()
-    else {
+        .cloned()?;
+    let read = || -> std::io::Result<Vec<u8>> {
+        const STEP: u64 = 1 << 20;
+        let source = crate::scan::ScanSource::open(&backing, 4096, STEP)?;
+        let size = source.geometry().size;
+        let mut all = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        let mut buf = Vec::new();
+        let mut at = 0;
+        while at < size {
+            let n = usize::try_from(STEP.min(size - at)).unwrap_or(0);
+            all.extend_from_slice(source.read_unit(at, n, &mut buf)?);
+            at += STEP;
+        }
+        Ok(all)
+    };
+    match read() {
+        Ok(bytes) => Some(ChunkHash::of(&bytes).to_hex()),
+        Err(e) => {
+            warn!(disk, error = %e, "tag witness: cannot read the disk");
+            None
+        }
+    }
+}
+
+/// Writes `hash` as the witness of `disk` at `point_id`.
+pub fn write(disk: &str, point_id: u64, hash: &str) {
+    let Some(dir) = dir() else {
         return;
     };
-    let write = || -> std::io::Result<()> {
-        let bytes = std::fs::read(&backing)?;
-        let to = dir.join(disk);
-        std::fs::create_dir_all(&to)?;
-        std::fs::write(
-            to.join(point_id.to_string()),
-            ChunkHash::of(&bytes).to_hex(),
-        )
-    };
-    if let Err(e) = write() {
+    let to = dir.join(disk);
+    if let Err(e) = std::fs::create_dir_all(&to)
+        .and_then(|()| std::fs::write(to.join(point_id.to_string()), hash))
+    {
         warn!(disk, point_id, error = %e, "tag witness not written");
     }
 }

@@ -34,6 +34,7 @@
 
 pub mod agent;
 pub mod faults;
+pub mod minute;
 pub mod workload;
 
 use std::collections::{BTreeMap, VecDeque};

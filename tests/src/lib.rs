@@ -33,6 +33,7 @@ pub mod chaos;
 pub mod cli;
 pub mod cluster;
 pub mod disk;
+pub mod fswriter;
 pub mod loopdev;
 pub mod pki;
 pub mod powercut;

@@ -29,27 +29,26 @@ mod status;
 mod support;
 
 use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use boomerang_common::config::now_ms;
 use boomerang_common::durable::StateFile;
+use boomerang_tests::chaos::minute::{self, MinuteOptions, Source};
 use boomerang_tests::cli;
 use boomerang_tests::cluster::boomerang_command;
 use boomerang_tests::disk::byte_size;
+use boomerang_tests::fswriter::Writer;
 use boomerang_tests::privileged::{find_tool, privileged_tests_required, tool, PRIVILEGED_ENV};
 use boomerang_tests::process::{run, run_ok};
-use boomerang_tests::rng::{fill_text, DataRng};
 use boomerang_tests::{
-    e2fsck_clean, e2fsck_recovers_clean, mkfs_ext4, require_privileged, write_tree, Cluster,
-    ClusterConfig, LoopDevice, Mount, Need,
+    e2fsck_clean, mkfs_ext4, require_privileged, write_tree, Cluster, ClusterConfig, LoopDevice,
+    Mount, Need,
 };
 use serde_json::Value;
 
@@ -68,10 +67,6 @@ const SERVE_TIMEOUT: Duration = Duration::from_secs(15);
 const CUT_TIMEOUT: Duration = Duration::from_secs(20);
 /// SIGTERM to exit (the unmount alone may take its 5 s grace).
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
-/// Where the writer works, under the ext4 mount point.
-const WORK_DIR: &str = "work";
-/// Live bytes the writer keeps at most (the filesystem holds 256 MiB).
-const WRITER_LIVE_LIMIT: u64 = 48 * MIB;
 /// Log lines of the agent (agent/src/journal/mode.rs, agent/src/track_journal.rs).
 const LOG_JOURNAL_FULL: &str = "journal full: bitmap mode";
 const LOG_BITMAP_DRAINED: &str = "bitmap drained: back to journal mode";
@@ -459,173 +454,6 @@ fn shipped_crash_tags(log: &str) -> Vec<u64> {
         .filter(|l| l.contains(LOG_TAG_SHIPPED) && l.contains("kind=CrashConsistent"))
         .filter_map(|l| log_field(l, "point_id")?.parse().ok())
         .collect()
-}
-
-// ---------------------------------------------------------------------------------
-// The writer
-
-/// What the writer did.
-#[derive(Debug, Default)]
-struct WriterStats {
-    created: u64,
-    overwritten: u64,
-    deleted: u64,
-    fsyncs: u64,
-    bytes: u64,
-    /// The first error, when errors are tolerated (the writer stops there).
-    error: Option<String>,
-}
-
-/// A thread changing files under `work/` until stopped: creates files of random or
-/// text content, overwrites parts of them, deletes some, fsyncs now and then.
-#[derive(Debug)]
-struct Writer {
-    stop: Arc<AtomicBool>,
-    handle: Option<thread::JoinHandle<WriterStats>>,
-}
-
-impl Writer {
-    /// Starts writing; an IO error panics the writer unless `tolerate_errors` (then
-    /// it is recorded and the writer stops).
-    fn start(mountpoint: &Path, seed: u64, tolerate_errors: bool) -> Writer {
-        let dir = mountpoint.join(WORK_DIR);
-        for sub in 0..4 {
-            let d = dir.join(format!("d{sub}"));
-            std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let handle = {
-            let stop = stop.clone();
-            thread::spawn(move || write_loop(&dir, seed, &stop, tolerate_errors))
-        };
-        Writer {
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    fn is_running(&self) -> bool {
-        self.handle.as_ref().is_some_and(|h| !h.is_finished())
-    }
-
-    /// Stops the writer and returns what it did (re-raising its panic).
-    fn finish(mut self) -> WriterStats {
-        self.stop.store(true, Ordering::SeqCst);
-        let handle = self.handle.take().expect("the writer runs until finished");
-        match handle.join() {
-            Ok(stats) => stats,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-fn write_loop(dir: &Path, seed: u64, stop: &AtomicBool, tolerate_errors: bool) -> WriterStats {
-    let mut rng = DataRng::new(seed);
-    let mut stats = WriterStats::default();
-    let mut live: Vec<(PathBuf, u64)> = Vec::new();
-    let mut live_bytes = 0u64;
-    let mut buf = Vec::new();
-    let mut n = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        let result = write_step(
-            dir,
-            &mut rng,
-            &mut stats,
-            &mut live,
-            &mut live_bytes,
-            &mut buf,
-            &mut n,
-        );
-        if let Err(e) = result {
-            if tolerate_errors {
-                stats.error = Some(e);
-                break;
-            }
-            panic!("writer: {e}");
-        }
-        thread::sleep(Duration::from_millis(rng.between(2, 8)));
-    }
-    stats
-}
-
-fn write_step(
-    dir: &Path,
-    rng: &mut DataRng,
-    stats: &mut WriterStats,
-    live: &mut Vec<(PathBuf, u64)>,
-    live_bytes: &mut u64,
-    buf: &mut Vec<u8>,
-    n: &mut u64,
-) -> Result<(), String> {
-    let op = rng.below(10);
-    let fsync = rng.below(3) == 0;
-    if live.len() < 4 || (op < 5 && *live_bytes < WRITER_LIVE_LIMIT) {
-        let len = rng.between(4 << 10, 384 << 10);
-        buf.resize(usize::try_from(len).expect("under 384 KiB"), 0);
-        let text = rng.below(2) == 0;
-        if text {
-            fill_text(rng, buf);
-        } else {
-            rng.fill(buf);
-        }
-        let path = dir
-            .join(format!("d{}", *n % 4))
-            .join(format!("f{n:05}.{}", if text { "txt" } else { "bin" }));
-        *n += 1;
-        let mut f = File::create(&path).map_err(|e| format!("create {}: {e}", path.display()))?;
-        f.write_all(buf)
-            .map_err(|e| format!("write {}: {e}", path.display()))?;
-        if fsync {
-            f.sync_all()
-                .map_err(|e| format!("fsync {}: {e}", path.display()))?;
-            stats.fsyncs += 1;
-        }
-        live.push((path, len));
-        *live_bytes += len;
-        stats.created += 1;
-        stats.bytes += len;
-    } else if op < 8 {
-        let i = usize::try_from(rng.below(live.len() as u64)).expect("index fits");
-        let (path, len) = &mut live[i];
-        let at = rng.below(*len);
-        let wlen = rng.between(512, 64 << 10);
-        buf.resize(usize::try_from(wlen).expect("under 64 KiB"), 0);
-        rng.fill(buf);
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&*path)
-            .map_err(|e| format!("open {}: {e}", path.display()))?;
-        f.write_all_at(buf, at)
-            .map_err(|e| format!("overwrite {}: {e}", path.display()))?;
-        if fsync {
-            f.sync_data()
-                .map_err(|e| format!("fdatasync {}: {e}", path.display()))?;
-            stats.fsyncs += 1;
-        }
-        let end = at + wlen;
-        if end > *len {
-            *live_bytes += end - *len;
-            *len = end;
-        }
-        stats.overwritten += 1;
-        stats.bytes += wlen;
-    } else {
-        let i = usize::try_from(rng.below(live.len() as u64)).expect("index fits");
-        let (path, len) = live.swap_remove(i);
-        std::fs::remove_file(&path).map_err(|e| format!("delete {}: {e}", path.display()))?;
-        *live_bytes -= len;
-        stats.deleted += 1;
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------
@@ -1134,138 +962,40 @@ fn kill9_while_serving_then_restart() {
 /// cover the whole minute, no two consecutive ones more than 2 s apart; every point
 /// gives back exactly the bytes the source had at its tag (the agent writes each
 /// tag's blake3 while it holds the write-order lock: `BOOMERANG_TAG_WITNESS_DIR`),
-/// and its file system is clean for `e2fsck`. `BOOMERANG_SEED` picks the kills.
+/// and its file system is clean for `e2fsck`. `BOOMERANG_SEED` picks the kills; the
+/// same minute runs from the campaign binary (`chaos minute --source intercept`), see
+/// [`boomerang_tests::chaos::minute`].
 #[test]
 fn a_minute_of_process_server_and_master_target_kills_keeps_every_point() {
-    const SIZE: u64 = 64 * MIB;
-    const MINUTE: Duration = Duration::from_secs(60);
     const MAX_GAP_MS: u64 = 2000;
     if !gate("a_minute_of_process_server_and_master_target_kills_keeps_every_point") {
         return;
     }
     let seed = boomerang_tests::rng::seed_from_env("kill", || 9);
-    let mut fx = Fixture::with_size(SIZE);
-    let witness = fx.cluster.root().join("witness");
-    let mut agent = fx.spawn_track_env(&[], &[("BOOMERANG_TAG_WITNESS_DIR", &witness)]);
-    let served = fx.wait_serving(&mut agent);
-    let dev = LoopDevice::attach(&served);
-    mkfs_ext4(dev.path());
-    let mount = Mount::new(dev.path(), &fx.cluster.root().join("mnt"), false);
-    let writer = Writer::start(mount.dir(), seed, false);
-    let mut rng = DataRng::new(seed);
-    let from = now_ms();
-    let until = Instant::now() + MINUTE;
-    let mut kills = Vec::new();
-    loop {
-        let next = Instant::now() + Duration::from_millis(rng.between(1000, 5000));
-        if next >= until {
-            break;
-        }
-        while Instant::now() < next {
-            agent.assert_running("under the kills");
-            assert!(writer.is_running(), "the writer stopped early");
-            thread::sleep(Duration::from_millis(50));
-        }
-        match rng.below(3) {
-            0 => {
-                fx.cluster.restart_ps();
-                kills.push("ps");
-            }
-            1 => {
-                fx.cluster.restart_mt();
-                kills.push("mt");
-            }
-            _ => {
-                fx.cluster.restart_mt();
-                fx.cluster.restart_ps();
-                kills.push("both");
-            }
-        }
-    }
-    while Instant::now() < until {
-        thread::sleep(Duration::from_millis(50));
-    }
-    let to = now_ms();
-    let stats = writer.finish();
-    eprintln!("writer: {stats:?}; kills ({}): {kills:?}", kills.len());
-    sync_all();
-    mount.unmount();
-    dev.detach();
-    let detached = now_ms();
-    fx.wait_line(
-        &mut agent,
-        Duration::from_secs(60),
-        "a crash-consistent cut after the minute",
-        |l| l.is_crash_cut_after(detached),
-    );
-
-    let points: Vec<cli::PointInfo> = fx
-        .cluster
-        .mt_points(AGENT)
-        .into_iter()
-        .filter(|p| p.kind == CUT_CRASH)
-        .collect();
-    let times: Vec<u64> = points.iter().map(|p| p.time_ms).collect();
-    let mut edges = vec![from];
-    edges.extend(times.iter().copied().filter(|&t| t > from && t < to));
-    edges.push(to);
-    let gaps: Vec<u64> = edges.windows(2).map(|w| w[1] - w[0]).collect();
-    let mut sorted = gaps.clone();
-    sorted.sort_unstable();
+    let report = minute::run(&MinuteOptions::new(Source::Intercept, seed))
+        .unwrap_or_else(|e| panic!("the minute did not run to its end: {e:#}"));
     eprintln!(
-        "{} points in the minute; gaps between consecutive points: median {} ms, max {} ms",
-        edges.len() - 2,
-        sorted[sorted.len() / 2],
-        sorted.last().copied().unwrap_or(0)
+        "{report}\nwriter: {:?}; kills: {:?}",
+        report.writer, report.kills
     );
-    for (w, gap) in edges.windows(2).zip(&gaps) {
-        assert!(
-            *gap <= MAX_GAP_MS,
-            "no point between {} and {} ({gap} ms, the minute ran {from}..{to}); kills {kills:?}\n{}",
-            w[0],
-            w[1],
-            agent.log_tail(60)
-        );
-    }
-
-    let target = fx.cluster.root().join("point.img");
-    let mut checked = 0;
-    for p in &points {
-        let Ok(want) = std::fs::read_to_string(witness.join(DISK).join(p.id.to_string())) else {
-            panic!("point {} has no witness: the agent did not cut it", p.id);
-        };
-        let mut args = cli::point_to_args(&p.id.to_string(), &[(DISK.to_string(), target.clone())]);
-        args.push("--json".into());
-        let out = fx.cluster.mt_op_output("test-failover", AGENT, &args);
-        assert!(
-            out.status.success(),
-            "test-failover of point {}: {}",
-            p.id,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let image = std::fs::read(&target).expect("read the point");
-        let got = boomerang_common::hash::ChunkHash::of(&image).to_hex();
-        assert_eq!(
-            got,
-            want.trim(),
-            "point {} is not the bytes the source had at its tag",
-            p.id
-        );
-        if let Err(e) = e2fsck_recovers_clean(&target) {
-            panic!(
-                "point {}: the file system does not recover clean:\n{e}",
-                p.id
-            );
-        }
-        let cleanup = fx
-            .cluster
-            .mt_op_output("test-failover", AGENT, &["--cleanup".into()]);
-        assert!(cleanup.status.success(), "test-failover --cleanup");
-        checked += 1;
-    }
-    eprintln!("{checked} points materialized: each the bytes at its tag, e2fsck clean");
-    assert!(checked >= 30, "only {checked} points to check");
-    fx.stop(&mut agent);
+    assert!(
+        report.wrong.is_empty(),
+        "wrong points (BOOMERANG_KEEP_TEST_DIRS=1 keeps the logs):\n{}",
+        report.wrong.join("\n")
+    );
+    assert!(
+        report.gap_max_ms() <= MAX_GAP_MS,
+        "no point between {} and {} ({} ms); kills {:?}",
+        report.longest.0,
+        report.longest.1,
+        report.gap_max_ms(),
+        report.kills
+    );
+    assert!(
+        report.checked >= 30,
+        "only {} points to check",
+        report.checked
+    );
 }
 
 /// Found by the seeded campaign (seed 3131, round 181): the agent served the disk

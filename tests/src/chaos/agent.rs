@@ -1,5 +1,6 @@
 //! The campaign's agent: `boomerang-agent track --source intercept`, serving the disk
-//! as a FUSE file the workload writes through.
+//! as a FUSE file the workload writes through, or `track` with the trace source (the
+//! workload writes its own block device, `--freeze` pauses it for points).
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -28,7 +29,10 @@ pub struct TrackingAgent {
     /// The served disk, open for the workload (closed before the agent stops, which
     /// waits for its users).
     disk: Option<File>,
-    mount: PathBuf,
+    /// Where the served disk's file is (intercept source).
+    served: Option<PathBuf>,
+    /// The FUSE mount of the served disk (intercept source).
+    mount: Option<PathBuf>,
 }
 
 impl TrackingAgent {
@@ -47,6 +51,57 @@ impl TrackingAgent {
         lazy_unmount(&mount);
         let mut argv = args.to_track_intercept_args(serve_dir);
         argv.extend(["--crash-interval", "1"].map(OsString::from));
+        // From here on a failure drops the agent, which kills it.
+        let mut agent = TrackingAgent::spawn(argv, env, log, Some(mount))?;
+        let prefix = format!("serving {disk} at ");
+        let deadline = Instant::now() + SERVE_TIMEOUT;
+        let file = loop {
+            let served = agent
+                .stdout()
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix).map(|f| PathBuf::from(f.trim())));
+            if let Some(file) = served {
+                break file;
+            }
+            if let Some(status) = agent.child.try_wait().context("wait for the agent")? {
+                bail!("the agent exited ({status}) before serving {disk}");
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not serve {disk} within {SERVE_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        agent.disk = Some(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&file)
+                .with_context(|| format!("open the served disk {}", file.display()))?,
+        );
+        agent.served = Some(file);
+        Ok(agent)
+    }
+
+    /// Starts `track` with the trace source for `args` (its disks are block devices,
+    /// its `--freeze` mount points pause them for points), a crash-consistent point
+    /// every second, with `env` added; the log goes to `log`.
+    pub fn start_trace(
+        args: &AgentSyncArgs,
+        env: &[(String, String)],
+        log: &Path,
+    ) -> anyhow::Result<TrackingAgent> {
+        let mut argv = args.to_args();
+        argv[0] = "track".into();
+        argv.extend(["--crash-interval", "1"].map(OsString::from));
+        TrackingAgent::spawn(argv, env, log, None)
+    }
+
+    fn spawn(
+        argv: Vec<OsString>,
+        env: &[(String, String)],
+        log: &Path,
+        mount: Option<PathBuf>,
+    ) -> anyhow::Result<TrackingAgent> {
         let mut cmd: Command = boomerang_command(cli::AGENT_BIN, argv);
         for (k, v) in env {
             cmd.env(k, v);
@@ -79,39 +134,18 @@ impl TrackingAgent {
                 }
             });
         }
-        // From here on a failure drops the agent, which kills it.
-        let mut agent = TrackingAgent {
+        Ok(TrackingAgent {
             child,
             stdout,
             disk: None,
+            served: None,
             mount,
-        };
-        let prefix = format!("serving {disk} at ");
-        let deadline = Instant::now() + SERVE_TIMEOUT;
-        let file = loop {
-            let served = agent
-                .stdout()
-                .lines()
-                .find_map(|l| l.strip_prefix(&prefix).map(|f| PathBuf::from(f.trim())));
-            if let Some(file) = served {
-                break file;
-            }
-            if let Some(status) = agent.child.try_wait().context("wait for the agent")? {
-                bail!("the agent exited ({status}) before serving {disk}");
-            }
-            if Instant::now() > deadline {
-                bail!("the agent did not serve {disk} within {SERVE_TIMEOUT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        agent.disk = Some(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&file)
-                .with_context(|| format!("open the served disk {}", file.display()))?,
-        );
-        Ok(agent)
+        })
+    }
+
+    /// The served disk's file (intercept source).
+    pub fn served(&self) -> Option<&Path> {
+        self.served.as_deref()
     }
 
     /// The served disk.
@@ -146,7 +180,14 @@ impl TrackingAgent {
         self.disk = None;
         let _ = self.child.kill();
         let _ = self.child.wait();
-        lazy_unmount(&self.mount);
+        self.unmount();
+    }
+
+    /// `umount -l` of the served disk's dead FUSE mount, if any.
+    fn unmount(&self) {
+        if let Some(m) = &self.mount {
+            lazy_unmount(m);
+        }
     }
 
     /// SIGTERM and wait (SIGKILL after 30 s): the clean stop a service manager does.
@@ -156,7 +197,7 @@ impl TrackingAgent {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if !matches!(self.child.try_wait(), Ok(None)) {
-                lazy_unmount(&self.mount);
+                self.unmount();
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -176,7 +217,7 @@ impl Drop for TrackingAgent {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        lazy_unmount(&self.mount);
+        self.unmount();
     }
 }
 
