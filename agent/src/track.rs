@@ -48,6 +48,10 @@ use crate::trace::{DirtySnapshot, Tracer};
 /// Most bytes a consistency point reads while writes are paused; above it the point
 /// is postponed and the dirty blocks shipped first without a pause.
 const MAX_PAUSED_BYTES: u64 = 64 << 20;
+/// Most raw bytes of dirty blocks read and encoded at a time outside a pause (rule 7):
+/// a larger dirty set (a backlog after a restart, a burst between two ticks) is built
+/// and shipped slice after slice, so the agent's memory does not grow with it.
+const BUILD_SLICE: u64 = 16 << 20;
 
 /// Figures of a tracking session, printed at the end.
 #[derive(Debug, Default, Serialize)]
@@ -349,11 +353,7 @@ impl Syncer {
                 return Ok(false);
             }
         };
-        let shipped = match self.build(disk, &rest).await {
-            Ok(frames) => self.ship(disk, frames, report).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = shipped {
+        if let Err(e) = self.ship_snapshot(disk, &rest, report).await {
             warn!(disk = %disk.id, error = %format!("{e:#}"), "could not ship the last changes before the hand-over; the next start resyncs");
             crate::trace::discard_handover(&handover, self.config.trace.tracefs.as_deref());
             return Ok(false);
@@ -489,8 +489,23 @@ impl Syncer {
             if snap.lost.is_some() {
                 continue; // resynced at the next tick
             }
-            let frames = self.build(&t.disk, &snap).await?;
-            self.ship(&mut t.disk, frames, report).await?;
+            self.ship_snapshot(&mut t.disk, &snap, report).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads, encodes and ships the dirty blocks of `snap`, [`BUILD_SLICE`] bytes at a
+    /// time. On a failure what was shipped already is durable or will be resent; the
+    /// caller puts the whole set back or gives up on the generation.
+    async fn ship_snapshot(
+        &self,
+        disk: &mut DiskCtx,
+        snap: &DirtySnapshot,
+        report: &mut TrackReport,
+    ) -> anyhow::Result<()> {
+        for slice in slices(snap, BUILD_SLICE) {
+            let frames = self.build(disk, &slice).await?;
+            self.ship(disk, frames, report).await?;
         }
         Ok(())
     }
@@ -649,11 +664,7 @@ impl Syncer {
             // was shipped already is only shipped again).
             for (t, snap) in disks.iter_mut().zip(&snaps) {
                 let mut scratch = TrackReport::default();
-                let shipped = match self.build(&t.disk, snap).await {
-                    Ok(frames) => self.ship(&mut t.disk, frames, &mut scratch).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = shipped {
+                if let Err(e) = self.ship_snapshot(&mut t.disk, snap, &mut scratch).await {
                     put_back(disks);
                     return Err(e);
                 }
@@ -724,6 +735,34 @@ impl Syncer {
     }
 }
 
+/// `snap`'s writes cut into slices of at most `max` bytes (a multiple of 4 KiB), in
+/// disk order; its discards (zero extents, nothing to read) go with the last slice,
+/// after the writes, as [`Syncer::build`] orders them.
+fn slices(snap: &DirtySnapshot, max: u64) -> Vec<DirtySnapshot> {
+    let mut out = vec![DirtySnapshot::default()];
+    let mut filled = 0;
+    for &(offset, len) in &snap.writes {
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            if filled == max {
+                out.push(DirtySnapshot::default());
+                filled = 0;
+            }
+            let n = (end - at).min(max - filled);
+            if let Some(last) = out.last_mut() {
+                last.writes.push((at, n));
+            }
+            filled += n;
+            at += n;
+        }
+    }
+    if let Some(last) = out.last_mut() {
+        last.discards.clone_from(&snap.discards);
+    }
+    out
+}
+
 /// Takes the trace hand-over out of the disk's state (durably), if there is one.
 fn take_handover(disk: &mut DiskCtx) -> anyhow::Result<Option<crate::trace::Handover>> {
     let mut p = disk.state.get().clone();
@@ -741,4 +780,39 @@ pub(crate) fn set_tracking(disk: &mut DiskCtx, on: bool) -> anyhow::Result<()> {
         disk.state.store(p)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slices cover exactly the snapshot's writes, in order, none over the bound;
+    /// the discards come once, last.
+    #[test]
+    fn slices_cover_the_dirty_set_in_order_within_the_bound() {
+        let snap = DirtySnapshot {
+            writes: vec![(0, 4096), (8192, 40 << 12), (1 << 30, 3 << 12)],
+            discards: vec![(1 << 20, 8192)],
+            lost: None,
+        };
+        let max = 16 << 12;
+        let parts = slices(&snap, max);
+        assert!(parts
+            .iter()
+            .all(|p| p.writes.iter().map(|w| w.1).sum::<u64>() <= max));
+        let mut joined: Vec<(u64, u64)> = Vec::new();
+        for (o, l) in parts.iter().flat_map(|p| p.writes.iter().copied()) {
+            match joined.last_mut() {
+                Some(last) if last.0 + last.1 == o => last.1 += l,
+                _ => joined.push((o, l)),
+            }
+        }
+        assert_eq!(joined, snap.writes);
+        let with_discards: Vec<usize> = (0..parts.len())
+            .filter(|&i| !parts[i].discards.is_empty())
+            .collect();
+        assert_eq!(with_discards, vec![parts.len() - 1]);
+        assert_eq!(parts.len(), 3, "44 blocks in slices of 16");
+        assert_eq!(slices(&DirtySnapshot::default(), max).len(), 1);
+    }
 }

@@ -320,6 +320,24 @@ mod tests {
         b.finish()
     }
 
+    /// A frame of wire version 1 (before a pass's manifest request named its
+    /// generation) is refused with a reason that says what to do, never decoded as if
+    /// its body had today's layout.
+    #[test]
+    fn a_version_1_frame_is_refused() {
+        let mut old = frame(7, b"body").to_vec();
+        old[4..6].copy_from_slice(&1u16.to_le_bytes());
+        match split_frame(&Bytes::from(old)) {
+            Err(DecodeError::Invalid(why)) => {
+                assert!(
+                    why.contains("version 1") && why.contains("upgrade"),
+                    "{why}"
+                );
+            }
+            other => panic!("a version-1 frame: {other:?}"),
+        }
+    }
+
     #[test]
     fn every_strict_prefix_is_incomplete() {
         let f = frame(7, b"hello world");

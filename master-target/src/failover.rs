@@ -1176,6 +1176,35 @@ mod tests {
         assert_eq!(first_byte(&site), 3);
     }
 
+    /// A pass's manifest request for a disk paused by a failover must not move the
+    /// disk into the pass's generation: the failover is rolling the replica back and
+    /// owns its position; the records of the generation it holds stay valid.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_manifest_request_leaves_a_paused_disk_where_it_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let site = Arc::new(site(dir.path()));
+        acked(&site, [batch(1, 0, 1), tag(1, 1, 10)]).await;
+        let d = site.disks.get("d0").expect("disk");
+        d.set_paused(Some("failing over".into())).await;
+        let before = d.durable_record();
+        let _ = crate::server::handle(&site, manifest(2)).await;
+        let after = d.durable_record();
+        assert_eq!(after.position, before.position, "the paused disk moved");
+        assert_eq!(
+            d.record().position,
+            before.position,
+            "the paused disk moved"
+        );
+        assert!(after.cut.is_some(), "the paused disk lost its cut");
+        d.set_paused(None).await;
+        acked(&site, [batch(1, 2, 4)]).await;
+        assert_eq!(
+            first_byte(&site),
+            4,
+            "its generation goes on after the pause"
+        );
+    }
+
     /// The same campaign round: the hashes were read from a write whose replica flush
     /// then failed, the restart undid it, and the pass had skipped that chunk. Hashes
     /// are read only from what is durable.

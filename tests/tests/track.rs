@@ -1844,3 +1844,69 @@ fn a_minute_of_kills_with_the_trace_source_keeps_every_point() {
         report.checked
     );
 }
+
+/// Rule 7 for the trace source: memory does not grow with the backlog. 160 MiB of
+/// random data written while the agent is down (its trace instance handed over) are
+/// one dirty set at the next start; the agent reads, encodes and ships it in bounded
+/// slices, so its peak RSS stays far below the backlog (it read the whole set into
+/// memory before).
+#[test]
+fn a_large_backlog_is_shipped_in_bounded_memory() {
+    const BACKLOG: u64 = 160 * MIB;
+    const MAX_RSS_KIB: u64 = 150 * 1024;
+    if !gate("a_large_backlog_is_shipped_in_bounded_memory") {
+        return;
+    }
+    let fx = Fixture::new();
+    let _thaw = ThawOnDrop(fx.mnt().to_path_buf());
+    let mut agent = fx.spawn_track();
+    fx.wait_first_pass(&mut agent, 1, None);
+    fx.stop_and_compare(&mut agent);
+
+    // While the agent is down: one big incompressible file.
+    {
+        let path = fx.mnt().join("backlog.bin");
+        let mut f =
+            File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        let mut rng = DataRng::new(77);
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..BACKLOG / MIB {
+            rng.fill(&mut block);
+            f.write_all(&block).expect("write the backlog");
+        }
+        f.sync_all().expect("fsync the backlog");
+    }
+    sync_fs(fx.mnt());
+
+    let restarted_ms = now_ms();
+    let mut agent = fx.spawn_track();
+    fx.wait_while_tracking(
+        &mut agent,
+        POINT_WAIT,
+        "a consistency point after the restart",
+        |l| l.point_id.is_some_and(|p| p > restarted_ms),
+    );
+    let peak = boomerang_tests::process::peak_rss_kib(agent.pid()).expect("the agent's VmHWM");
+    let report = fx.stop_and_compare(&mut agent);
+    let backlog = uint(&report, "backlog_bytes");
+    eprintln!(
+        "backlog of {} MiB shipped after the restart; agent peak RSS {} MiB",
+        backlog >> 20,
+        peak >> 10
+    );
+    assert_eq!(
+        uint(&report, "adopted"),
+        1,
+        "the instance was adopted: {report}"
+    );
+    assert!(
+        backlog >= BACKLOG,
+        "the backlog was shipped from the dirty set: {report}"
+    );
+    assert!(
+        peak < MAX_RSS_KIB,
+        "the agent's peak RSS was {} MiB while shipping a {} MiB backlog",
+        peak >> 10,
+        backlog >> 20
+    );
+}
