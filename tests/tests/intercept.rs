@@ -974,28 +974,7 @@ fn a_minute_of_process_server_and_master_target_kills_keeps_every_point() {
     let seed = boomerang_tests::rng::seed_from_env("kill", || 9);
     let report = minute::run(&MinuteOptions::new(Source::Intercept, seed))
         .unwrap_or_else(|e| panic!("the minute did not run to its end: {e:#}"));
-    eprintln!(
-        "{report}\nwriter: {:?}; kills: {:?}",
-        report.writer, report.kills
-    );
-    assert!(
-        report.wrong.is_empty(),
-        "wrong points (BOOMERANG_KEEP_TEST_DIRS=1 keeps the logs):\n{}",
-        report.wrong.join("\n")
-    );
-    assert!(
-        report.gap_max_ms() <= MAX_GAP_MS,
-        "no point between {} and {} ({} ms); kills {:?}",
-        report.longest.0,
-        report.longest.1,
-        report.gap_max_ms(),
-        report.kills
-    );
-    assert!(
-        report.checked >= 30,
-        "only {} points to check",
-        report.checked
-    );
+    report.assert_kept(MAX_GAP_MS, 30);
 }
 
 /// Found by the seeded campaign (seed 3131, round 181): the agent served the disk

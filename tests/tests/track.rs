@@ -1821,28 +1821,7 @@ fn a_minute_of_kills_with_the_trace_source_keeps_every_point() {
     let seed = boomerang_tests::rng::seed_from_env("kill", || 9);
     let report = minute::run(&MinuteOptions::new(Source::Trace, seed))
         .unwrap_or_else(|e| panic!("the minute did not run to its end: {e:#}"));
-    eprintln!(
-        "{report}\nwriter: {:?}; kills: {:?}",
-        report.writer, report.kills
-    );
-    assert!(
-        report.wrong.is_empty(),
-        "wrong points (BOOMERANG_KEEP_TEST_DIRS=1 keeps the logs):\n{}",
-        report.wrong.join("\n")
-    );
-    assert!(
-        report.gap_max_ms() <= MAX_GAP_MS,
-        "no point between {} and {} ({} ms); kills {:?}",
-        report.longest.0,
-        report.longest.1,
-        report.gap_max_ms(),
-        report.kills
-    );
-    assert!(
-        report.checked >= 20,
-        "only {} points to check",
-        report.checked
-    );
+    report.assert_kept(MAX_GAP_MS, 20);
 }
 
 /// Rule 7 for the trace source: memory does not grow with the backlog. 160 MiB of

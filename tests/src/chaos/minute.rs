@@ -129,6 +129,33 @@ impl MinuteReport {
     }
 }
 
+impl MinuteReport {
+    /// Prints the report and panics (for a test) unless every point was exact, no
+    /// gap between points was above `max_gap_ms`, and at least `min_checked` points
+    /// were checked.
+    pub fn assert_kept(&self, max_gap_ms: u64, min_checked: u64) {
+        eprintln!("{self}\nwriter: {:?}; kills: {:?}", self.writer, self.kills);
+        assert!(
+            self.wrong.is_empty(),
+            "wrong points (BOOMERANG_KEEP_TEST_DIRS=1 keeps the logs):\n{}",
+            self.wrong.join("\n")
+        );
+        assert!(
+            self.gap_max_ms() <= max_gap_ms,
+            "no point between {} and {} ({} ms); kills {:?}",
+            self.longest.0,
+            self.longest.1,
+            self.gap_max_ms(),
+            self.kills
+        );
+        assert!(
+            self.checked >= min_checked,
+            "only {} points to check",
+            self.checked
+        );
+    }
+}
+
 impl std::fmt::Display for MinuteReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
