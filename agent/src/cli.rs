@@ -15,8 +15,8 @@ use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
 use crate::config::{AgentConfig, DiskConfig};
-use crate::control::TrackStop;
 use crate::link::PsLink;
+use crate::session::TrackStop;
 use crate::sync::{SyncReport, Syncer, Wait};
 
 /// Boomerang agent: tracks and ships the changes of this machine's disks.
@@ -350,7 +350,7 @@ fn print_report(report: &SyncReport, json: bool) {
     info!(seconds = report.seconds, "sync done");
 }
 
-fn print_track_report(report: &crate::track::TrackReport, json: bool) {
+fn print_track_report(report: &crate::track_trace::TrackReport, json: bool) {
     if json {
         match serde_json::to_string(report) {
             Ok(s) => println!("{s}"),

@@ -4,18 +4,19 @@
 //! The map:
 //! - sources of changes: [`scan`] (read the disk, compare with the replica's hashes;
 //!   the passes are run by [`sync`]), [`trace`] (kernel block tracepoints; driven by
-//!   [`track`]), [`intercept`] with its write-order [`journal`] (FUSE; driven by
-//!   [`track_journal`], points cut on time by [`journal_cuts`]);
+//!   [`track_trace`]), [`intercept`] with its write-order [`journal`] (FUSE; driven by
+//!   [`track_intercept`], points cut on time by [`journal_cuts`]);
 //! - [`ship`]: batching, seqs, the send window and durable acks, for all of them;
-//! - the session: [`link`] (the QUIC link to the process server) and [`control`]
-//!   (check-ins with the master target, directives, the point schedule);
+//!   the continuous sources hand it ordered changes and cuts ([`ship::Change`]);
+//! - the group's session with the master target, apart from the drivers: [`link`]
+//!   (the QUIC link to the process server) and [`session`] (check-ins, directives,
+//!   coordinated points, the point schedule, the failover shutdown);
 //! - around them: [`freeze`] (consistency pauses), [`state`] (each disk's durable
 //!   progress), [`config`], [`cli`], [`fault`] (fault injection for tests),
 //!   [`witness`] (each tag's bytes, for tests).
 
 pub mod cli;
 pub mod config;
-pub mod control;
 pub mod fault;
 pub mod freeze;
 pub mod intercept;
@@ -23,11 +24,12 @@ pub mod journal;
 pub mod journal_cuts;
 pub mod link;
 pub mod scan;
+pub mod session;
 pub mod ship;
 pub mod source;
 pub mod state;
 pub mod sync;
 pub mod trace;
-pub mod track;
-pub mod track_journal;
+pub mod track_intercept;
+pub mod track_trace;
 pub mod witness;

@@ -3,9 +3,11 @@
 //! flight at once (the send window, `in_flight`), counts the process server's
 //! durable acknowledgements and records the stream's next seq once they are all in.
 //!
-//! The sources only say what changed: the scan pass builds units ([`crate::sync`]),
-//! the trace source reads its dirty blocks ([`crate::track`]), the intercept source
-//! reads its write-order journal ([`crate::track_journal`]). A refused batch is never
+//! The sources only say what changed: the scan pass builds units ([`crate::sync`]);
+//! the continuous sources hand over [`Change`]s, batches and cuts in the order they
+//! must land ([`Syncer::ship_changes`]): the trace source its dirty blocks read while
+//! paused and the point's cut ([`crate::track_trace`]), the intercept source its
+//! write-order journal with the cuts at their place ([`crate::track_intercept`]). A refused batch is never
 //! resent here in continuous tracking: the master target asks for a new generation
 //! (the check-in directive), which resyncs by scan.
 
@@ -23,7 +25,24 @@ use tokio::task::JoinSet;
 
 use crate::link::PsLink;
 use crate::sync::{DiskCtx, Syncer};
-use crate::track::TrackReport;
+use crate::track_trace::TrackReport;
+
+/// What a source hands to shipping, in the order it must reach the master target:
+/// a batch of extents, or the cut of a point after everything before it.
+#[derive(Debug)]
+pub(crate) enum Change {
+    /// Extents of one batch (its seq is given at shipping).
+    Batch(Vec<Extent>),
+    /// A point: tagged after every change before it is held by the process server.
+    Cut {
+        /// Crash- or app-consistent.
+        kind: TagKind,
+        /// The point's id.
+        point_id: u64,
+        /// When the cut was taken (ms since the epoch).
+        time_ms: u64,
+    },
+}
 
 /// The send window: at most `in_flight` batches sent and not yet acknowledged, each
 /// known by a token of the caller's (its unit or seq).
@@ -182,6 +201,36 @@ pub(crate) fn zero_extents(
 }
 
 impl Syncer {
+    /// Ships `changes` in order: the batches between two cuts together (several in
+    /// flight), each cut's tag once the process server holds everything before it.
+    /// Returns the points tagged.
+    pub(crate) async fn ship_changes(
+        &self,
+        disk: &mut DiskCtx,
+        changes: impl IntoIterator<Item = Change>,
+        report: &mut TrackReport,
+    ) -> anyhow::Result<Vec<(TagKind, u64)>> {
+        let mut batches = Vec::new();
+        let mut tagged = Vec::new();
+        for change in changes {
+            match change {
+                Change::Batch(extents) => batches.push(extents),
+                Change::Cut {
+                    kind,
+                    point_id,
+                    time_ms,
+                } => {
+                    self.ship(disk, std::mem::take(&mut batches), report)
+                        .await?;
+                    self.tag(disk, kind, point_id, time_ms).await?;
+                    tagged.push((kind, point_id));
+                }
+            }
+        }
+        self.ship(disk, batches, report).await?;
+        Ok(tagged)
+    }
+
     /// Ships built batches with the disk's next seqs, several in flight, and records
     /// the new next seq once the process server holds them all.
     pub(crate) async fn ship(
@@ -225,7 +274,7 @@ impl Syncer {
 
     /// Tags the disk at its next seq (after everything shipped so far) for a cut taken
     /// at `time_ms`, and records the seq after it.
-    pub(crate) async fn tag(
+    async fn tag(
         &self,
         disk: &mut DiskCtx,
         kind: TagKind,

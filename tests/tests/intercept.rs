@@ -67,7 +67,7 @@ const SERVE_TIMEOUT: Duration = Duration::from_secs(15);
 const CUT_TIMEOUT: Duration = Duration::from_secs(20);
 /// SIGTERM to exit (the unmount alone may take its 5 s grace).
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
-/// Log lines of the agent (agent/src/journal/mode.rs, agent/src/track_journal.rs).
+/// Log lines of the agent (agent/src/journal/mode.rs, agent/src/track_intercept.rs).
 const LOG_JOURNAL_FULL: &str = "journal full: bitmap mode";
 const LOG_BITMAP_DRAINED: &str = "bitmap drained: back to journal mode";
 const LOG_CAUGHT_UP: &str = "caught up: back to journal mode";

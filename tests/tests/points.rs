@@ -68,7 +68,7 @@ const SERVE_TIMEOUT: Duration = Duration::from_secs(30);
 const POINT_TIMEOUT: Duration = Duration::from_secs(60);
 /// A tracking agent's exit once it was told to (shut down, forget, SIGTERM).
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Agent log lines (agent/src/track_journal.rs, agent/src/track.rs).
+/// Agent log lines (agent/src/track_intercept.rs, agent/src/track_trace.rs).
 const LOG_COORDINATED_ABANDONED: &str = "coordinated point abandoned";
 const LOG_FORGOT: &str = "forgot its state";
 /// Master-target log line (master-target/src/groups.rs).

@@ -1,12 +1,13 @@
-//! The agent's side of group control in continuous tracking (`track`, both sources):
-//! check-ins with the master target, the failover shutdown, and coordinated points.
+//! The agent's session with the master target in continuous tracking (`track`, both
+//! sources), kept apart from the drivers that ship the changes: check-ins, the
+//! failover shutdown, coordinated points and the point schedule.
 //!
 //! **Check-ins.** Every `control_interval_secs` the agent sends
 //! [`Message::Control`] (its group, name and disks) through the process server and
 //! gets the group's [`Action`]. A check-in that gets no directive (process server or
 //! master target unreachable, an older master target answering an error) is logged
 //! once and counts as `Continue`: replication never stops because control is down.
-//! The tracking loops ([`crate::track`], [`crate::track_journal`]) read the latest
+//! The tracking loops ([`crate::track_trace`], [`crate::track_intercept`]) read the latest
 //! directive from [`Directives`] at every tick:
 //! - `ShutDown` (failover to `latest`): no more interval points; one final
 //!   crash-consistent point the way the source takes one, shipped until the process
@@ -96,6 +97,63 @@ impl Directives {
     pub(crate) async fn changed(&mut self) {
         if self.rx.changed().await.is_err() {
             std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// What a tracking loop does at a tick, as the session sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tick {
+    /// Go on: ship what changed, cut the points that are due.
+    Go,
+    /// The master target rolled the replica back (or lost the stream): resync every
+    /// disk in a new generation, once per request.
+    Resync,
+    /// End the loop.
+    Stop(TrackStop),
+}
+
+/// Paces a tracking loop (both sources): waits for the next tick, a signal or a new
+/// directive, and says what to do. A resync asked for is done once; the master target
+/// answers Continue again once it sees the new generation.
+#[derive(Debug)]
+pub(crate) struct Ticker {
+    shutdown: Shutdown,
+    resynced: bool,
+}
+
+impl Ticker {
+    /// A ticker for a loop starting now; a Resync already in force was done by the
+    /// start (a rolled-back replica made it begin a new generation).
+    pub(crate) fn new(shutdown: Shutdown, directives: &Directives) -> Ticker {
+        Ticker {
+            shutdown,
+            resynced: directives.current() == Action::Resync,
+        }
+    }
+
+    /// Waits at most `sleep` (less on a signal or a new directive) and says what to do.
+    pub(crate) async fn tick(&mut self, directives: &mut Directives, sleep: Duration) -> Tick {
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = self.shutdown.changed() => {}
+            () = directives.changed() => {}
+        }
+        if *self.shutdown.borrow() {
+            return Tick::Stop(TrackStop::Signal);
+        }
+        match directives.current() {
+            Action::Continue => {
+                self.resynced = false;
+                Tick::Go
+            }
+            Action::Resync if !self.resynced => {
+                self.resynced = true;
+                Tick::Resync
+            }
+            Action::Resync => Tick::Go,
+            Action::ShutDown => Tick::Stop(TrackStop::ShutDown),
+            Action::Forget => Tick::Stop(TrackStop::Forgotten),
         }
     }
 }

@@ -10,7 +10,7 @@
 //! (it holds the older writes), then the dirty blocks' current content; no
 //! crash-consistent tag is emitted until the bitmap is drained and acknowledged.
 //!
-//! The master target's directives ([`crate::control`]) end the loop: a failover's
+//! The master target's directives ([`crate::session`]) end the loop: a failover's
 //! shutdown appends one final tag and ships the journals up to it before the shutdown
 //! hook, then stops as on SIGTERM (unmount, ship the rest); a committed failover
 //! unmounts and forgets the disks' state, journal and bitmap included. A coordinated
@@ -26,19 +26,19 @@ use anyhow::{anyhow, Context as _};
 use boomerang_common::config::now_ms;
 use boomerang_common::delta::ExtentEncoder;
 use boomerang_common::message::{Action, TagKind};
-use boomerang_common::{ChunkHash, Extent};
+use boomerang_common::ChunkHash;
 use tracing::{error, info, warn};
 
-use crate::control::{Decision, DuePoint, PointSchedule, TrackStop, DECISION_MARGIN};
 use crate::freeze::FreezeGuard;
 use crate::intercept::{lock_capture, Capture, Intercept, InterceptOptions, ServedDisk};
 use crate::journal::{CaptureState, DirtyBitmap, Entry, Journal, Mode};
 use crate::journal_cuts::JournalCuts;
-use crate::ship::{zero_extents, Batches};
+use crate::session::{Decision, DuePoint, PointSchedule, Tick, Ticker, TrackStop, DECISION_MARGIN};
+use crate::ship::{zero_extents, Batches, Change};
 use crate::source::ChangeSource;
 use crate::sync::{DiskCtx, Syncer};
 use crate::trace::DirtySnapshot;
-use crate::track::{set_tracking, TrackReport, FINAL_POINT_ATTEMPTS};
+use crate::track_trace::{set_tracking, TrackReport, FINAL_POINT_ATTEMPTS};
 
 /// Most journal bytes read per shipping step (the capture lock is held while reading).
 const READ_BUDGET: u64 = 16 << 20;
@@ -51,12 +51,6 @@ struct Served {
     capture: Arc<Mutex<Capture>>,
     intercept: Option<Intercept>,
     bitmap_path: PathBuf,
-}
-
-/// One shipping step's worth of journal: batches and tags in journal order.
-enum Item {
-    Batch(Vec<Extent>),
-    Tag(TagKind, u64, u64),
 }
 
 impl Syncer {
@@ -179,25 +173,15 @@ impl Syncer {
                     .context("starting the crash-consistent cut thread")?,
             )
         };
-        let mut shutdown = self.shutdown.clone();
-        // At start a rolled-back replica already made this run begin a new generation.
-        let mut resynced_for_master = directives.current() == Action::Resync;
+        let mut ticker = Ticker::new(self.shutdown.clone(), &directives);
         let mut hook_failed = false;
         let mut result: anyhow::Result<TrackStop> = loop {
-            tokio::select! {
-                _ = tokio::time::sleep(schedule.sleep(ship_every)) => {}
-                _ = shutdown.changed() => {}
-                () = directives.changed() => {}
-            }
-            if *self.shutdown.borrow() {
-                break Ok(TrackStop::Signal);
-            }
-            // A resync asked for is done once; the master target answers Continue
-            // again once it sees the new generation.
-            match directives.current() {
-                Action::Continue => resynced_for_master = false,
-                Action::Resync if !resynced_for_master => {
-                    resynced_for_master = true;
+            match ticker
+                .tick(&mut directives, schedule.sleep(ship_every))
+                .await
+            {
+                Tick::Stop(why) => break Ok(why),
+                Tick::Resync => {
                     let paused = cuts.as_ref().map(JournalCuts::pause);
                     if let Err(e) = self.resync_served(&mut served, &mut report).await {
                         break Err(e);
@@ -205,9 +189,7 @@ impl Syncer {
                     drop(paused);
                     cut_now(&mut schedule, cuts.as_ref());
                 }
-                Action::Resync => {}
-                Action::ShutDown => break Ok(TrackStop::ShutDown),
-                Action::Forget => break Ok(TrackStop::Forgotten),
+                Tick::Go => {}
             }
             // Paused only when a disk will start over: a cut skipped for nothing
             // would leave a gap of an interval.
@@ -586,22 +568,10 @@ impl Syncer {
                 let Some(last) = records.last().map(|r| r.seq) else {
                     break;
                 };
-                let items = self.journal_items(records).await?;
-                // The batches between two tags go out together, with the send window
-                // (several in flight); a tag follows the batches before it.
-                let mut batches = Vec::new();
-                for item in items {
-                    match item {
-                        Item::Batch(extents) => batches.push(extents),
-                        Item::Tag(kind, point_id, time_ms) => {
-                            self.ship(&mut s.disk, std::mem::take(&mut batches), report)
-                                .await?;
-                            self.tag(&mut s.disk, kind, point_id, time_ms).await?;
-                            info!(disk = %s.disk.id, ?kind, point_id, "tag shipped");
-                        }
-                    }
+                let changes = self.journal_changes(records).await?;
+                for (kind, point_id) in self.ship_changes(&mut s.disk, changes, report).await? {
+                    info!(disk = %s.disk.id, ?kind, point_id, "tag shipped");
                 }
-                self.ship(&mut s.disk, batches, report).await?;
                 lock_capture(&s.capture).journal.release_through(last)?;
             }
             if lock_capture(&s.capture).state.mode() == Mode::Bitmap {
@@ -636,16 +606,17 @@ impl Syncer {
         Ok(())
     }
 
-    /// Turns journal records into batches (extents of at most a chunk, hashed and
-    /// compressed, in journal order; zero records as zero extents) and tags.
-    async fn journal_items(
+    /// Turns journal records into changes in journal order: batches (extents of at
+    /// most a chunk, hashed and compressed; zero records as zero extents) and the cuts
+    /// of tag records, at exactly their place between two writes.
+    async fn journal_changes(
         &self,
         records: Vec<crate::journal::Record>,
-    ) -> anyhow::Result<Vec<Item>> {
+    ) -> anyhow::Result<Vec<Change>> {
         let chunk = self.config.chunk_size() as usize;
         let batch_raw = u64::from(self.config.batch_mib) << 20;
         let level = self.config.compression_level;
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Item>> {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Change>> {
             let mut encoder = ExtentEncoder::new(level).map_err(|e| anyhow!("zstd: {e}"))?;
             let mut zero_hashes = Vec::new();
             let mut items = Vec::new();
@@ -670,12 +641,16 @@ impl Syncer {
                         ..
                     } => {
                         batches.close();
-                        items.extend(batches.take_closed().into_iter().map(Item::Batch));
-                        items.push(Item::Tag(kind, point_id, time_ms));
+                        items.extend(batches.take_closed().into_iter().map(Change::Batch));
+                        items.push(Change::Cut {
+                            kind,
+                            point_id,
+                            time_ms,
+                        });
                     }
                 }
             }
-            items.extend(batches.finish().into_iter().map(Item::Batch));
+            items.extend(batches.finish().into_iter().map(Change::Batch));
             Ok(items)
         })
         .await

@@ -22,7 +22,7 @@
 //! the replica elsewhere) it says why and rescans against the replica's hashes as a
 //! start without a hand-over does.
 //!
-//! The master target's directives ([`crate::control`]) end the loop: a failover's
+//! The master target's directives ([`crate::session`]) end the loop: a failover's
 //! shutdown takes one final point this same way (pause, capture, tag) before the
 //! shutdown hook; a committed failover stops the tracers and forgets the disks'
 //! state. Coordinated points ask the group between capture and thaw, writes still
@@ -38,9 +38,9 @@ use boomerang_common::{ChunkHash, Extent};
 use serde::Serialize;
 use tracing::{error, info, warn};
 
-use crate::control::{PointSchedule, TrackStop};
 use crate::freeze::FreezeGuard;
-use crate::ship::{zero_extents, Batches};
+use crate::session::{PointSchedule, Tick, Ticker, TrackStop};
+use crate::ship::{zero_extents, Batches, Change};
 use crate::source::ChangeSource;
 use crate::sync::{DiskCtx, Syncer};
 use crate::trace::{DirtySnapshot, Tracer};
@@ -122,7 +122,7 @@ struct Tracked {
 
 impl Syncer {
     /// Replicates every configured disk continuously until SIGTERM, or until the
-    /// master target's directive stops it (see [`crate::control`]).
+    /// master target's directive stops it (see [`crate::session`]).
     pub async fn track(&self) -> anyhow::Result<TrackReport> {
         let cfg = &self.config;
         let mut report = TrackReport::default();
@@ -193,30 +193,18 @@ impl Syncer {
         info!(disks = disks.len(), "tracking writes");
         let ship_every = Duration::from_millis(cfg.ship_interval_ms);
         let mut schedule = PointSchedule::new(cfg, can_pause);
-        let mut shutdown = self.shutdown.clone();
-        // At start a rolled-back replica already made this run begin a new generation.
-        let mut resynced_for_master = directives.current() == Action::Resync;
+        let mut ticker = Ticker::new(self.shutdown.clone(), &directives);
         let result: anyhow::Result<TrackStop> = loop {
-            tokio::select! {
-                _ = tokio::time::sleep(schedule.sleep(ship_every)) => {}
-                _ = shutdown.changed() => {}
-                () = directives.changed() => {}
-            }
-            if *self.shutdown.borrow() {
-                break Ok(TrackStop::Signal);
-            }
-            // A resync asked for is done once; the master target answers Continue
-            // again once it sees the new generation.
-            let mut rolled_back = false;
-            match directives.current() {
-                Action::Continue => resynced_for_master = false,
-                Action::Resync => rolled_back = !resynced_for_master,
-                Action::ShutDown => break Ok(TrackStop::ShutDown),
-                Action::Forget => break Ok(TrackStop::Forgotten),
-            }
+            let rolled_back = match ticker
+                .tick(&mut directives, schedule.sleep(ship_every))
+                .await
+            {
+                Tick::Stop(why) => break Ok(why),
+                Tick::Resync => true,
+                Tick::Go => false,
+            };
             let resyncs = report.resyncs;
             if rolled_back {
-                resynced_for_master = true;
                 for t in disks.iter_mut() {
                     t.tracer
                         .mark_lost("the master target rolled the replica back");
@@ -439,9 +427,9 @@ impl Syncer {
     }
 
     /// After a committed failover: deletes the disks' state (see
-    /// [`crate::control::forget_disk_state`]).
+    /// [`crate::session::forget_disk_state`]).
     pub(crate) fn forget(&self, report: &mut TrackReport) -> anyhow::Result<()> {
-        crate::control::forget_disk_state(
+        crate::session::forget_disk_state(
             &self.config.state_dir,
             &self.config.disk_ids(),
             self.config.trace.tracefs.as_deref(),
@@ -600,7 +588,7 @@ impl Syncer {
             }
         };
         report.pauses_ms.push(held.as_secs_f64() * 1000.0);
-        if let Some(crate::control::Decision::Abandon(reason)) = decision {
+        if let Some(crate::session::Decision::Abandon(reason)) = decision {
             warn!(?kind, point_id = ?slot, %reason, "the group did not commit the point: resumed without a tag");
             report.points_abandoned += 1;
             for (t, frames) in disks.iter_mut().zip(captured) {
@@ -619,8 +607,13 @@ impl Syncer {
             if let Some(hash) = witness {
                 crate::witness::write(&t.disk.id, point_id, hash);
             }
-            self.ship(&mut t.disk, frames, report).await?;
-            self.tag(&mut t.disk, kind, point_id, time_ms).await?;
+            let cut = Change::Cut {
+                kind,
+                point_id,
+                time_ms,
+            };
+            let changes = frames.into_iter().map(Change::Batch).chain([cut]);
+            self.ship_changes(&mut t.disk, changes, report).await?;
         }
         report.points += 1;
         info!(
