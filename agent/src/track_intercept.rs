@@ -585,7 +585,7 @@ impl Syncer {
                         writes: runs,
                         ..DirtySnapshot::default()
                     };
-                    let batches = match self.build(&s.disk, &snap).await {
+                    let batches = match self.build(&s.disk, &snap, "source").await {
                         Ok(b) => b,
                         Err(e) => {
                             lock_capture(&s.capture).state.requeue_in_flight();

@@ -492,7 +492,7 @@ impl Syncer {
         report: &mut TrackReport,
     ) -> anyhow::Result<()> {
         for slice in slices(snap, BUILD_SLICE) {
-            let frames = self.build(disk, &slice).await?;
+            let frames = self.build(disk, &slice, "source").await?;
             self.ship(disk, frames, report).await?;
         }
         Ok(())
@@ -670,7 +670,7 @@ impl Syncer {
         }
         let mut out = Vec::new();
         for (t, snap) in disks.iter().zip(&snaps) {
-            match self.build(&t.disk, snap).await {
+            match self.build(&t.disk, snap, "capture").await {
                 Ok(frames) => out.push(frames),
                 Err(e) => {
                     put_back(disks);
@@ -682,11 +682,13 @@ impl Syncer {
     }
 
     /// Reads and encodes the dirty blocks of `snap` into the extents of each batch
-    /// (seqs are given at shipping). Runs on a blocking thread.
+    /// (seqs are given at shipping). Runs on a blocking thread. `site` names the reads
+    /// for fault injection ([`crate::fault::read`]): `source`, or `capture` in a pause.
     pub(crate) async fn build(
         &self,
         disk: &DiskCtx,
         snap: &DirtySnapshot,
+        site: &'static str,
     ) -> anyhow::Result<Vec<Vec<Extent>>> {
         if snap.writes.is_empty() && snap.discards.is_empty() {
             return Ok(Vec::new());
@@ -707,6 +709,8 @@ impl Syncer {
                 let mut at = offset;
                 while at < end {
                     let n = chunk.min(end - at);
+                    crate::fault::read(site, source.path())
+                        .with_context(|| format!("reading disk {id} at {at}"))?;
                     let data = source
                         .read_unit(at, usize::try_from(n).unwrap_or(0), &mut buf)
                         .with_context(|| format!("reading disk {id} at {at}"))?;

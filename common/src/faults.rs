@@ -41,6 +41,8 @@ pub enum Op {
     DirSync,
     /// Removing a file.
     Remove,
+    /// Reading a source disk (the agent's sites `source.read` and `capture.read`).
+    Read,
 }
 
 impl Op {
@@ -54,11 +56,12 @@ impl Op {
             Op::Rename => "rename",
             Op::DirSync => "dirsync",
             Op::Remove => "remove",
+            Op::Read => "read",
         }
     }
 
     /// Every op, for campaigns that pick one.
-    pub const ALL: [Op; 7] = [
+    pub const ALL: [Op; 8] = [
         Op::Create,
         Op::Write,
         Op::Sync,
@@ -66,6 +69,7 @@ impl Op {
         Op::Rename,
         Op::DirSync,
         Op::Remove,
+        Op::Read,
     ];
 }
 

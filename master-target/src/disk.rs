@@ -1199,6 +1199,53 @@ mod tests {
         );
     }
 
+    /// At open, the writes journaled past the record's `journal_end` are undone; a
+    /// record of a version that kept no `journal_end` undoes nothing (it cannot say
+    /// which writes it counts), so the replica keeps every byte.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_past_the_record_are_undone_at_open_and_an_old_record_undoes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (counted, record) = {
+            let disk = open_with_a_point(dir.path()).await;
+            let counted = disk.journal_end();
+            let v = verify_batch(&batch(2, 1, 0, 2), 1 << 20).expect("verifies");
+            disk.apply_batch(1, 2, v).await.expect("seq 2");
+            (counted, disk.durable_record())
+        };
+        assert_eq!(read(dir.path(), 0), 2, "seq 2 applied");
+        let replica =
+            FileReplica::open_or_create(&dir.path().join("d0.img"), 1 << 20).expect("replica");
+        let journal = |dir: &std::path::Path| {
+            UndoJournal::open(
+                &dir.join("retention"),
+                crate::retention::SEGMENT_BYTES,
+                Some(counted),
+            )
+            .expect("journal")
+        };
+
+        let old = DiskRecord {
+            journal_end: None,
+            ..record.clone()
+        };
+        let undone = Disk::undo_unrecorded(&old, &replica, &mut journal(dir.path())).expect("undo");
+        assert_eq!(undone, 0);
+        assert_eq!(
+            read(dir.path(), 0),
+            2,
+            "a record without journal_end undid a write"
+        );
+
+        let stale = DiskRecord {
+            journal_end: Some(counted),
+            ..record
+        };
+        let undone =
+            Disk::undo_unrecorded(&stale, &replica, &mut journal(dir.path())).expect("undo");
+        assert_eq!(undone, 1, "the one batch past the record");
+        assert_eq!(read(dir.path(), 0), 1, "the replica is back at its record");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_durable_record_survives_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -490,4 +490,33 @@ mod tests {
         assert_eq!(left, 0, "seq 5 was never forwarded");
         assert_eq!(next.load(Ordering::SeqCst), 6, "seq 5 applied");
     }
+
+    /// An ack names the highest durable seq of its own generation only: an ack of
+    /// another generation, or one below the key's seq, never moves the disk on, and
+    /// the highest seen is kept.
+    #[test]
+    fn a_durable_ack_moves_on_only_within_its_generation() {
+        let mut sent = HashMap::new();
+        let key: Key = ("d".into(), 2, 4);
+        durable_through(&mut sent, &key, 1, 9);
+        assert!(
+            sent.is_empty(),
+            "an ack of generation 1 moved a generation-2 record on"
+        );
+        durable_through(&mut sent, &key, 3, 9);
+        assert!(
+            sent.is_empty(),
+            "an ack of generation 3 moved a generation-2 record on"
+        );
+        durable_through(&mut sent, &key, 2, 3);
+        assert!(sent.is_empty(), "an ack below the record's own seq counted");
+        durable_through(&mut sent, &key, 2, 7);
+        assert_eq!(sent.get("d"), Some(&(2, 7)));
+        durable_through(&mut sent, &key, 2, 5);
+        assert_eq!(
+            sent.get("d"),
+            Some(&(2, 7)),
+            "a lower ack moved the disk back"
+        );
+    }
 }

@@ -980,6 +980,51 @@ fn a_point_that_cannot_freeze_is_abandoned_and_tracking_goes_on() {
     assert_eq!(uint(&report, "resyncs"), 0, "{report}");
 }
 
+/// Defect 1 of issue 9: a point whose capture fails after it took the dirty sets
+/// (here, reading the paused blocks fails: `capture.read` faults on the first five
+/// reads in a pause) must put those sets back, so the blocks are shipped later.
+/// Dropped, they would never reach the replica while later points are tagged, and
+/// the clean stop's byte comparison finds them missing.
+#[test]
+fn a_point_whose_blocks_cannot_be_read_puts_them_back() {
+    if !gate("a_point_whose_blocks_cannot_be_read_puts_them_back") {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut argv = fx.agent_args().to_args();
+    argv[0] = "track".into();
+    argv.extend(["--crash-interval", CRASH_INTERVAL, "--app-interval", "3600"].map(OsString::from));
+    let mut cmd = boomerang_command(cli::AGENT_BIN, argv);
+    cmd.env("BOOMERANG_FAULTS", "capture.read@1=eio*5");
+    let mut agent = AgentProcess::spawn_command(&fx.cluster, AGENT, cmd);
+    let writer = Writer::start(fx.mnt(), 67, None);
+    fx.wait_first_pass(&mut agent, 1, None);
+    // Long enough for the five failing captures (one a second) under the writes.
+    thread::sleep(Duration::from_secs(7));
+    let stats = writer.finish();
+    eprintln!("writer: {stats:?}");
+    let report = fx.stop_and_compare(&mut agent);
+    let log = std::fs::read_to_string(fx.cluster.logs_dir().join(format!("agent-{AGENT}.log")))
+        .unwrap_or_default();
+    let failed = log
+        .lines()
+        .filter(|l| l.contains("consistency point abandoned") && l.contains("reading disk"))
+        .count();
+    assert!(
+        failed >= 1,
+        "no point failed on a read: the fault did not fire\n{}",
+        agent.log_tail(40)
+    );
+    assert!(uint(&report, "points_abandoned") >= 1, "{report}");
+    assert_eq!(
+        uint(&report, "resyncs"),
+        0,
+        "the sets go back, no resync: {report}"
+    );
+    fx.check_replica_files();
+    eprintln!("{failed} points failed on a read; replica equal");
+}
+
 /// The tracer that covered a scan pass dies with a killed agent: writes it saw in
 /// already scanned (and acknowledged) units are known to nobody. The next start must
 /// therefore not resume that pass in the same generation but resync the whole disk.
