@@ -47,9 +47,9 @@ use boomerang_common::durable::StateFile;
 use boomerang_tests::cli::{self, AgentSyncArgs, CUT_APP_CONSISTENT};
 use boomerang_tests::cluster::boomerang_command;
 use boomerang_tests::disk::{byte_size, sha256_file};
+use boomerang_tests::fswriter::{thaw_if_frozen, Writer, WriterOptions, WriterPause};
 use boomerang_tests::privileged::find_tool;
-use boomerang_tests::process::run;
-use boomerang_tests::rng::{fill_text, DataRng};
+use boomerang_tests::rng::DataRng;
 use boomerang_tests::tracefs::{self, major_minor, DEFAULT_TRACEFS, INSTANCE_PREFIX};
 use boomerang_tests::{
     assert_trees_equal, e2fsck_clean, hash_tree, mkfs_ext4, require_privileged, write_tree,
@@ -84,10 +84,6 @@ const FIRST_PASS_TIMEOUT: Duration = Duration::from_secs(30);
 const POINT_WAIT: Duration = Duration::from_secs(45);
 /// SIGTERM to exit, and the master target catching up afterwards.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Where the writer works, under the mount point.
-const WORK_DIR: &str = "work";
-/// Live bytes the writer keeps at most (the filesystem holds 256 MiB).
-const WRITER_LIVE_LIMIT: u64 = 48 * MIB;
 
 // ---------------------------------------------------------------------------------
 // Gating
@@ -125,7 +121,7 @@ fn instance_holders(dir: &Path) -> Vec<u32> {
 }
 
 // ---------------------------------------------------------------------------------
-// Guards and the writer
+// Guards
 
 /// Removes, on drop, the trace instance an agent left for a device: handed over by a
 /// clean stop, or left by an agent the test killed (the next agent would replace
@@ -158,233 +154,6 @@ struct ThawOnDrop(PathBuf);
 impl Drop for ThawOnDrop {
     fn drop(&mut self) {
         thaw_if_frozen(&self.0);
-    }
-}
-
-/// `fsfreeze -u`; true when it succeeded, i.e. the filesystem was frozen.
-fn thaw_if_frozen(mountpoint: &Path) -> bool {
-    let tool = find_tool("fsfreeze").unwrap_or_else(|| PathBuf::from("fsfreeze"));
-    Command::new(tool)
-        .arg("-u")
-        .arg(mountpoint)
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// What the writer did.
-#[derive(Debug, Default)]
-struct WriterStats {
-    created: u64,
-    overwritten: u64,
-    deleted: u64,
-    fsyncs: u64,
-    bytes: u64,
-    /// `fstrim` outcome, when it was run.
-    trim: Option<String>,
-}
-
-/// A thread changing files under `work/` until stopped: creates files of random or
-/// text content, overwrites parts of them, deletes some, fsyncs now and then and,
-/// if asked, runs `fstrim` once (discards must ship as zeros).
-#[derive(Debug)]
-struct Writer {
-    mountpoint: PathBuf,
-    stop: Arc<AtomicBool>,
-    pause: Arc<WriterPause>,
-    handle: Option<thread::JoinHandle<WriterStats>>,
-}
-
-/// Holds a [`Writer`] between two operations: `wanted` asks, `holding` answers once
-/// the writer has finished its operation (and its fsync) and waits.
-#[derive(Debug, Default)]
-struct WriterPause {
-    wanted: AtomicBool,
-    holding: AtomicBool,
-}
-
-impl WriterPause {
-    /// Asks the writer to pause and waits until it does; false if it did not within
-    /// `timeout`.
-    fn hold(&self, timeout: Duration) -> bool {
-        self.wanted.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + timeout;
-        while !self.holding.load(Ordering::SeqCst) {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(Duration::from_micros(200));
-        }
-        true
-    }
-
-    fn release(&self) {
-        self.wanted.store(false, Ordering::SeqCst);
-    }
-
-    /// The writer's side: waits here while a pause is wanted.
-    fn wait_if_wanted(&self, stop: &AtomicBool) {
-        while self.wanted.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
-            self.holding.store(true, Ordering::SeqCst);
-            thread::sleep(Duration::from_micros(200));
-        }
-        self.holding.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Writer {
-    fn start(mountpoint: &Path, seed: u64, trim_after: Option<Duration>) -> Writer {
-        let dir = mountpoint.join(WORK_DIR);
-        for sub in 0..4 {
-            let d = dir.join(format!("d{sub}"));
-            std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let pause = Arc::new(WriterPause::default());
-        let handle = {
-            let stop = stop.clone();
-            let pause = pause.clone();
-            let mountpoint = mountpoint.to_path_buf();
-            thread::spawn(move || write_loop(&mountpoint, &dir, seed, trim_after, &stop, &pause))
-        };
-        Writer {
-            mountpoint: mountpoint.to_path_buf(),
-            stop,
-            pause,
-            handle: Some(handle),
-        }
-    }
-
-    /// The writer's pause control, for another thread.
-    fn pause_control(&self) -> Arc<WriterPause> {
-        self.pause.clone()
-    }
-
-    /// Stops the writer and returns what it did (re-raising its panic).
-    fn finish(mut self) -> WriterStats {
-        self.stop.store(true, Ordering::SeqCst);
-        let handle = self.handle.take().expect("the writer runs until finished");
-        match handle.join() {
-            Ok(stats) => stats,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            // A panicking test may have left the filesystem frozen under the writer.
-            thaw_if_frozen(&self.mountpoint);
-            let _ = h.join();
-        }
-    }
-}
-
-fn write_loop(
-    mountpoint: &Path,
-    dir: &Path,
-    seed: u64,
-    trim_after: Option<Duration>,
-    stop: &AtomicBool,
-    pause: &WriterPause,
-) -> WriterStats {
-    let mut rng = DataRng::new(seed);
-    let mut stats = WriterStats::default();
-    let mut live: Vec<(PathBuf, u64)> = Vec::new();
-    let mut live_bytes = 0u64;
-    let mut buf = Vec::new();
-    let started = Instant::now();
-    let mut n = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        pause.wait_if_wanted(stop);
-        if stats.trim.is_none() && trim_after.is_some_and(|t| started.elapsed() >= t) {
-            stats.trim = Some(fstrim(mountpoint));
-        }
-        let op = rng.below(10);
-        let fsync = rng.below(3) == 0;
-        if live.len() < 4 || (op < 5 && live_bytes < WRITER_LIVE_LIMIT) {
-            let len = rng.between(4 << 10, 384 << 10);
-            buf.resize(usize::try_from(len).expect("under 384 KiB"), 0);
-            let text = rng.below(2) == 0;
-            if text {
-                fill_text(&mut rng, &mut buf);
-            } else {
-                rng.fill(&mut buf);
-            }
-            let path = dir
-                .join(format!("d{}", n % 4))
-                .join(format!("f{n:05}.{}", if text { "txt" } else { "bin" }));
-            n += 1;
-            let mut f =
-                File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-            f.write_all(&buf)
-                .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-            if fsync {
-                f.sync_all()
-                    .unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
-                stats.fsyncs += 1;
-            }
-            live.push((path, len));
-            live_bytes += len;
-            stats.created += 1;
-            stats.bytes += len;
-        } else if op < 8 {
-            let i = usize::try_from(rng.below(live.len() as u64)).expect("index fits");
-            let (path, len) = &mut live[i];
-            let at = rng.below(*len);
-            let wlen = rng.between(512, 64 << 10);
-            buf.resize(usize::try_from(wlen).expect("under 64 KiB"), 0);
-            rng.fill(&mut buf);
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&*path)
-                .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-            f.write_all_at(&buf, at)
-                .unwrap_or_else(|e| panic!("overwrite {}: {e}", path.display()));
-            if fsync {
-                f.sync_data()
-                    .unwrap_or_else(|e| panic!("fdatasync {}: {e}", path.display()));
-                stats.fsyncs += 1;
-            }
-            let end = at + wlen;
-            if end > *len {
-                live_bytes += end - *len;
-                *len = end;
-            }
-            stats.overwritten += 1;
-            stats.bytes += wlen;
-        } else {
-            let i = usize::try_from(rng.below(live.len() as u64)).expect("index fits");
-            let (path, len) = live.swap_remove(i);
-            std::fs::remove_file(&path)
-                .unwrap_or_else(|e| panic!("delete {}: {e}", path.display()));
-            live_bytes -= len;
-            stats.deleted += 1;
-        }
-        thread::sleep(Duration::from_millis(rng.between(2, 8)));
-    }
-    stats
-}
-
-/// `fstrim -v MOUNTPOINT`: its output, or why it did not work (a loop device without
-/// discard support is not an error of the agent).
-fn fstrim(mountpoint: &Path) -> String {
-    let Some(tool) = find_tool("fstrim") else {
-        return "fstrim not installed".to_string();
-    };
-    let mut cmd = Command::new(tool);
-    cmd.arg("-v").arg(mountpoint);
-    let out = run(&mut cmd);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    if out.status.success() {
-        text
-    } else {
-        format!("fstrim failed ({}): {text}", out.status)
     }
 }
 
@@ -686,7 +455,11 @@ fn trace_replicates_a_live_ext4_filesystem() {
 
     let mut agent = fx.spawn_track();
     // Writes start with the tracking: the first scan runs under them.
-    let writer = Writer::start(fx.mnt(), 22, Some(Duration::from_secs(3)));
+    let opts = WriterOptions {
+        trim_after: Some(Duration::from_secs(3)),
+        ..WriterOptions::default()
+    };
+    let writer = Writer::start_with(fx.mnt(), 22, opts);
     fx.wait_first_pass(&mut agent, 1, None);
     let writing_until = started + Duration::from_secs(6);
     while Instant::now() < writing_until {
@@ -751,7 +524,7 @@ fn lost_trace_events_start_a_new_generation() {
     let fx = Fixture::new();
     let _thaw = ThawOnDrop(fx.mnt().to_path_buf());
     let mut agent = fx.spawn_track();
-    let writer = Writer::start(fx.mnt(), 31, None);
+    let writer = Writer::start(fx.mnt(), 31, false);
     let first = fx.wait_first_pass(&mut agent, 1, None);
     thread::sleep(Duration::from_millis(1500));
     agent.assert_running("before its trace event is disabled");
@@ -808,7 +581,7 @@ fn kill9_during_writes_resyncs_only_what_differs() {
 
     // 1. Track under writes, then kill -9 in the middle of them.
     let mut agent = fx.spawn_track();
-    let writer = Writer::start(fx.mnt(), 42, None);
+    let writer = Writer::start(fx.mnt(), 42, false);
     fx.wait_first_pass(&mut agent, 1, None);
     fx.wait_while_tracking(
         &mut agent,
@@ -919,7 +692,7 @@ fn kill9_during_writes_resyncs_only_what_differs() {
     //    and compare.
     let generation = line.generation;
     let mut agent = fx.spawn_track();
-    let writer = Writer::start(fx.mnt(), 43, None);
+    let writer = Writer::start(fx.mnt(), 43, false);
     fx.wait_first_pass(&mut agent, generation, Some(&line));
     fx.wait_while_tracking(
         &mut agent,
@@ -955,7 +728,7 @@ fn a_point_that_cannot_freeze_is_abandoned_and_tracking_goes_on() {
     let fx = Fixture::new();
     let _thaw = ThawOnDrop(fx.mnt().to_path_buf());
     let mut agent = fx.spawn_track();
-    let writer = Writer::start(fx.mnt(), 61, None);
+    let writer = Writer::start(fx.mnt(), 61, false);
     fx.wait_first_pass(&mut agent, 1, None);
     thread::sleep(Duration::from_millis(1500));
     let stats = writer.finish();
@@ -997,7 +770,7 @@ fn a_point_whose_blocks_cannot_be_read_puts_them_back() {
     let mut cmd = boomerang_command(cli::AGENT_BIN, argv);
     cmd.env("BOOMERANG_FAULTS", "capture.read@1=eio*5");
     let mut agent = AgentProcess::spawn_command(&fx.cluster, AGENT, cmd);
-    let writer = Writer::start(fx.mnt(), 67, None);
+    let writer = Writer::start(fx.mnt(), 67, false);
     fx.wait_first_pass(&mut agent, 1, None);
     // Long enough for the five failing captures (one a second) under the writes.
     thread::sleep(Duration::from_secs(7));
@@ -1165,7 +938,7 @@ fn a_clean_restart_adopts_the_trace_instance_without_a_rescan() {
 
     // 1. Track under writes, then stop cleanly (SIGTERM).
     let mut agent = fx.spawn_track();
-    let writer = Writer::start(fx.mnt(), 72, None);
+    let writer = Writer::start(fx.mnt(), 72, false);
     fx.wait_first_pass(&mut agent, 1, None);
     thread::sleep(Duration::from_millis(2000));
     let stats = writer.finish();
@@ -1177,7 +950,7 @@ fn a_clean_restart_adopts_the_trace_instance_without_a_rescan() {
     );
 
     // 2. While the agent is down: create, overwrite, delete, and write it all back.
-    let writer = Writer::start(fx.mnt(), 73, None);
+    let writer = Writer::start(fx.mnt(), 73, false);
     thread::sleep(Duration::from_millis(3000));
     let down = writer.finish();
     sync_fs(fx.mnt());
@@ -1348,7 +1121,7 @@ fn app_consistent_points_hold_the_content_frozen_at_their_cut() {
             "10",
         ],
     );
-    let writer = Writer::start(fx.mnt(), 92, None);
+    let writer = Writer::start(fx.mnt(), 92, false);
     let samples: Arc<std::sync::Mutex<Vec<FrozenSample>>> = Arc::default();
     let stop_watching = Arc::new(AtomicBool::new(false));
     let watcher = {
