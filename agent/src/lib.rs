@@ -6,8 +6,10 @@
 //!   the passes are run by [`sync`]), [`trace`] (kernel block tracepoints; driven by
 //!   [`track_trace`]), [`intercept`] with its write-order [`journal`] (FUSE; driven by
 //!   [`track_intercept`], points cut on time by [`journal_cuts`]);
+//! - [`source`]: the seams between them and shipping: the scan's units
+//!   ([`source::ChangeSource`]), the continuous sources' steps of ordered changes and
+//!   cuts (`source::ChangeStream`); the memory each may hold;
 //! - [`ship`]: batching, seqs, the send window and durable acks, for all of them;
-//!   the continuous sources hand it ordered changes and cuts ([`ship::Change`]);
 //! - the group's session with the master target, apart from the drivers: [`link`]
 //!   (the QUIC link to the process server) and [`session`] (check-ins, directives,
 //!   coordinated points, the point schedule, the failover shutdown);

@@ -4,12 +4,11 @@
 //! durable acknowledgements and records the stream's next seq once they are all in.
 //!
 //! The sources only say what changed: the scan pass builds units ([`crate::sync`]);
-//! the continuous sources hand over [`Change`]s, batches and cuts in the order they
-//! must land ([`Syncer::ship_changes`]): the trace source its dirty blocks read while
-//! paused and the point's cut ([`crate::track_trace`]), the intercept source its
-//! write-order journal with the cuts at their place ([`crate::track_intercept`]). A refused batch is never
-//! resent here in continuous tracking: the master target asks for a new generation
-//! (the check-in directive), which resyncs by scan.
+//! the continuous sources are [`ChangeStream`]s of [`Change`]s, batches and cuts in
+//! the order they must land ([`Syncer::ship_stream`]); the trace source's point hands
+//! its paused blocks and the cut to [`Syncer::ship_changes`] directly. A refused batch
+//! is never resent here in continuous tracking: the master target asks for a new
+//! generation (the check-in directive), which resyncs by scan.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::link::PsLink;
+use crate::source::ChangeStream;
 use crate::sync::{DiskCtx, Syncer};
 use crate::track_trace::TrackReport;
 
@@ -201,6 +201,36 @@ pub(crate) fn zero_extents(
 }
 
 impl Syncer {
+    /// Ships what `stream` has pending, step by step: each step's changes in order
+    /// ([`Syncer::ship_changes`]), released once the process server holds them, put
+    /// back when they could not be built or shipped. Returns the points tagged.
+    pub(crate) async fn ship_stream(
+        &self,
+        disk: &mut DiskCtx,
+        stream: &mut impl ChangeStream,
+        report: &mut TrackReport,
+    ) -> anyhow::Result<Vec<(TagKind, u64)>> {
+        let mut tagged = Vec::new();
+        loop {
+            let step = match stream.next(self, disk).await {
+                Ok(Some(step)) => step,
+                Ok(None) => return Ok(tagged),
+                Err(e) => {
+                    stream.put_back();
+                    return Err(e);
+                }
+            };
+            match self.ship_changes(disk, step, report).await {
+                Ok(t) => tagged.extend(t),
+                Err(e) => {
+                    stream.put_back();
+                    return Err(e);
+                }
+            }
+            stream.durable()?;
+        }
+    }
+
     /// Ships `changes` in order: the batches between two cuts together (several in
     /// flight), each cut's tag once the process server holds everything before it.
     /// Returns the points tagged.

@@ -1,13 +1,31 @@
-//! The change-source seam. A source splits a disk into units of work for one pass and
-//! builds the batch of each unit; unit `i` of a pass is shipped as seq `base + i`, so a
-//! unit can be rebuilt with the same seq after a crash or a resend request.
+//! The change-source seams, one per kind of source.
 //!
-//! Only the scan source exists today (read the disk, compare chunk hashes with the
-//! replica's manifest). The continuous sources of DESIGN.md (kernel write tracing and
-//! the FUSE intercept) implement the same trait over their dirty sets.
+//! [`ChangeSource`], the scan source's: it splits a disk into units of work for one
+//! pass and builds the batch of each unit; unit `i` of a pass is shipped as seq
+//! `base + i`, so a unit can be rebuilt with the same seq after a crash or when the
+//! master target refused it (the only source that can resend a batch: it reads the
+//! disk again; see [`crate::sync`]).
+//!
+//! [`ChangeStream`], the continuous sources': what changed, handed out a bounded step
+//! at a time in the order it must land, batches with the cuts of points between
+//! them; each step is released once the process server holds it and put back when it
+//! could not be shipped (`Syncer::ship_stream` in [`crate::ship`]). The trace source's
+//! dirty set ([`crate::track_trace`]), the intercept source's write-order journal and
+//! its bitmap of dirty blocks when the journal overflowed
+//! ([`crate::track_intercept`]). They cannot rebuild a refused batch, so a refusal
+//! ends their generation: the master target asks for a resync (rule 2).
+//!
+//! Memory is bounded per step, whatever the backlog (rule 7): a scan unit, a 16 MiB
+//! slice of the trace source's dirty set, 16 MiB of journal records or dirty bitmap
+//! runs; the send window holds at most `in_flight` batches of at most `batch_mib`.
+
+use std::future::Future;
 
 use boomerang_common::delta::ExtentEncoder;
 use boomerang_common::{ChunkHash, Extent};
+
+use crate::ship::Change;
+use crate::sync::{DiskCtx, Syncer};
 
 /// How a pass is cut into units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -73,4 +91,20 @@ pub trait ChangeSource: Send + Sync {
         encoder: &mut ExtentEncoder,
         buf: &mut Vec<u8>,
     ) -> std::io::Result<UnitOutput>;
+}
+
+/// A continuous source's pending changes, a bounded step at a time.
+pub(crate) trait ChangeStream: Send {
+    /// The next step: changes in the order they must land (batches, and the cuts of
+    /// points at their place between them); `None` when nothing is pending. Reading
+    /// and encoding run on a blocking thread.
+    fn next(
+        &mut self,
+        syncer: &Syncer,
+        disk: &DiskCtx,
+    ) -> impl Future<Output = anyhow::Result<Option<Vec<Change>>>> + Send;
+    /// The process server holds the last step durably: release it.
+    fn durable(&mut self) -> anyhow::Result<()>;
+    /// The last step was not shipped (or not built): hand it out again later.
+    fn put_back(&mut self);
 }

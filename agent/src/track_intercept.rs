@@ -35,7 +35,7 @@ use crate::journal::{CaptureState, DirtyBitmap, Entry, Journal, Mode};
 use crate::journal_cuts::JournalCuts;
 use crate::session::{Decision, DuePoint, PointSchedule, Tick, Ticker, TrackStop, DECISION_MARGIN};
 use crate::ship::{zero_extents, Batches, Change};
-use crate::source::ChangeSource;
+use crate::source::{ChangeSource, ChangeStream};
 use crate::sync::{DiskCtx, Syncer};
 use crate::trace::DirtySnapshot;
 use crate::track_trace::{set_tracking, TrackReport, FINAL_POINT_ATTEMPTS};
@@ -559,45 +559,19 @@ impl Syncer {
         report: &mut TrackReport,
     ) -> anyhow::Result<()> {
         for s in served.iter_mut() {
-            loop {
-                let records = {
-                    let cap = lock_capture(&s.capture);
-                    let from = cap.journal.released_through() + 1;
-                    cap.journal.read_from(from, READ_BUDGET)?
-                };
-                let Some(last) = records.last().map(|r| r.seq) else {
-                    break;
-                };
-                let changes = self.journal_changes(records).await?;
-                for (kind, point_id) in self.ship_changes(&mut s.disk, changes, report).await? {
-                    info!(disk = %s.disk.id, ?kind, point_id, "tag shipped");
-                }
-                lock_capture(&s.capture).journal.release_through(last)?;
+            let mut journal = JournalStream {
+                capture: &s.capture,
+                last: None,
+            };
+            for (kind, point_id) in self.ship_stream(&mut s.disk, &mut journal, report).await? {
+                info!(disk = %s.disk.id, ?kind, point_id, "tag shipped");
             }
             if lock_capture(&s.capture).state.mode() == Mode::Bitmap {
-                loop {
-                    let runs = lock_capture(&s.capture).state.take_runs(READ_BUDGET);
-                    if runs.is_empty() {
-                        break;
-                    }
-                    let n = runs.len();
-                    let snap = DirtySnapshot {
-                        writes: runs,
-                        ..DirtySnapshot::default()
-                    };
-                    let batches = match self.build(&s.disk, &snap, "source").await {
-                        Ok(b) => b,
-                        Err(e) => {
-                            lock_capture(&s.capture).state.requeue_in_flight();
-                            return Err(e);
-                        }
-                    };
-                    if let Err(e) = self.ship(&mut s.disk, batches, report).await {
-                        lock_capture(&s.capture).state.requeue_in_flight();
-                        return Err(e);
-                    }
-                    lock_capture(&s.capture).state.runs_durable(n);
-                }
+                let mut bitmap = BitmapStream {
+                    capture: &s.capture,
+                    taken: 0,
+                };
+                self.ship_stream(&mut s.disk, &mut bitmap, report).await?;
                 if lock_capture(&s.capture).state.caught_up() {
                     info!(disk = %s.disk.id, "caught up: back to journal mode");
                 }
@@ -655,6 +629,86 @@ impl Syncer {
         })
         .await
         .map_err(|e| anyhow!("encoder thread failed: {e}"))?
+    }
+}
+
+/// A disk's write-order journal as a [`ChangeStream`]: the records after the last
+/// released one, [`READ_BUDGET`] bytes a step, released once durable at the process
+/// server. Put back, they simply stay in the journal.
+struct JournalStream<'c> {
+    capture: &'c Arc<Mutex<Capture>>,
+    /// The last record of the step handed out.
+    last: Option<u64>,
+}
+
+impl ChangeStream for JournalStream<'_> {
+    async fn next(
+        &mut self,
+        syncer: &Syncer,
+        _disk: &DiskCtx,
+    ) -> anyhow::Result<Option<Vec<Change>>> {
+        let records = {
+            let cap = lock_capture(self.capture);
+            let from = cap.journal.released_through() + 1;
+            cap.journal.read_from(from, READ_BUDGET)?
+        };
+        let Some(last) = records.last().map(|r| r.seq) else {
+            return Ok(None);
+        };
+        self.last = Some(last);
+        Ok(Some(syncer.journal_changes(records).await?))
+    }
+
+    fn durable(&mut self) -> anyhow::Result<()> {
+        if let Some(last) = self.last.take() {
+            lock_capture(self.capture).journal.release_through(last)?;
+        }
+        Ok(())
+    }
+
+    fn put_back(&mut self) {
+        self.last = None;
+    }
+}
+
+/// A disk's dirty bitmap (bitmap mode) as a [`ChangeStream`]: the current content of
+/// [`READ_BUDGET`] bytes of dirty runs a step. Put back, the runs are marked dirty
+/// again.
+struct BitmapStream<'c> {
+    capture: &'c Arc<Mutex<Capture>>,
+    /// Runs taken for the step handed out.
+    taken: usize,
+}
+
+impl ChangeStream for BitmapStream<'_> {
+    async fn next(
+        &mut self,
+        syncer: &Syncer,
+        disk: &DiskCtx,
+    ) -> anyhow::Result<Option<Vec<Change>>> {
+        let runs = lock_capture(self.capture).state.take_runs(READ_BUDGET);
+        if runs.is_empty() {
+            return Ok(None);
+        }
+        self.taken = runs.len();
+        let snap = DirtySnapshot {
+            writes: runs,
+            ..DirtySnapshot::default()
+        };
+        let batches = syncer.build(disk, &snap, "source").await?;
+        Ok(Some(batches.into_iter().map(Change::Batch).collect()))
+    }
+
+    fn durable(&mut self) -> anyhow::Result<()> {
+        lock_capture(self.capture)
+            .state
+            .runs_durable(std::mem::take(&mut self.taken));
+        Ok(())
+    }
+
+    fn put_back(&mut self) {
+        lock_capture(self.capture).state.requeue_in_flight();
+        self.taken = 0;
     }
 }
 

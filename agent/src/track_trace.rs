@@ -41,7 +41,7 @@ use tracing::{error, info, warn};
 use crate::freeze::FreezeGuard;
 use crate::session::{PointSchedule, Tick, Ticker, TrackStop};
 use crate::ship::{zero_extents, Batches, Change};
-use crate::source::ChangeSource;
+use crate::source::{ChangeSource, ChangeStream};
 use crate::sync::{DiskCtx, Syncer};
 use crate::trace::{DirtySnapshot, Tracer};
 
@@ -341,7 +341,7 @@ impl Syncer {
                 return Ok(false);
             }
         };
-        if let Err(e) = self.ship_snapshot(disk, &rest, report).await {
+        if let Err(e) = self.ship_snapshot(disk, rest, report).await {
             warn!(disk = %disk.id, error = %format!("{e:#}"), "could not ship the last changes before the hand-over; the next start resyncs");
             crate::trace::discard_handover(&handover, self.config.trace.tracefs.as_deref());
             return Ok(false);
@@ -467,6 +467,8 @@ impl Syncer {
         Ok(())
     }
 
+    /// Ships every disk's dirty set as it is now; a set that could not be shipped
+    /// goes back to its tracer.
     async fn ship_dirty(
         &self,
         disks: &mut [Tracked],
@@ -477,7 +479,8 @@ impl Syncer {
             if snap.lost.is_some() {
                 continue; // resynced at the next tick
             }
-            self.ship_snapshot(&mut t.disk, &snap, report).await?;
+            let mut stream = DirtyStream::new(snap, Some(&t.tracer));
+            self.ship_stream(&mut t.disk, &mut stream, report).await?;
         }
         Ok(())
     }
@@ -488,13 +491,11 @@ impl Syncer {
     async fn ship_snapshot(
         &self,
         disk: &mut DiskCtx,
-        snap: &DirtySnapshot,
+        snap: DirtySnapshot,
         report: &mut TrackReport,
     ) -> anyhow::Result<()> {
-        for slice in slices(snap, BUILD_SLICE) {
-            let frames = self.build(disk, &slice, "source").await?;
-            self.ship(disk, frames, report).await?;
-        }
+        let mut stream = DirtyStream::new(snap, None);
+        self.ship_stream(disk, &mut stream, report).await?;
         Ok(())
     }
 
@@ -657,7 +658,10 @@ impl Syncer {
             // was shipped already is only shipped again).
             for (t, snap) in disks.iter_mut().zip(&snaps) {
                 let mut scratch = TrackReport::default();
-                if let Err(e) = self.ship_snapshot(&mut t.disk, snap, &mut scratch).await {
+                if let Err(e) = self
+                    .ship_snapshot(&mut t.disk, snap.clone(), &mut scratch)
+                    .await
+                {
                     put_back(disks);
                     return Err(e);
                 }
@@ -729,6 +733,52 @@ impl Syncer {
         })
         .await
         .map_err(|e| anyhow!("reader thread failed: {e}"))?
+    }
+}
+
+/// The trace source's dirty set as a [`ChangeStream`]: read and encoded
+/// [`BUILD_SLICE`] bytes a step. Put back, the whole set goes back to its tracer
+/// (when it has one; what was shipped already is only shipped again) and the stream
+/// ends.
+struct DirtyStream<'t> {
+    whole: DirtySnapshot,
+    slices: std::collections::VecDeque<DirtySnapshot>,
+    tracer: Option<&'t Tracer>,
+}
+
+impl<'t> DirtyStream<'t> {
+    fn new(whole: DirtySnapshot, tracer: Option<&'t Tracer>) -> Self {
+        let slices = slices(&whole, BUILD_SLICE).into();
+        DirtyStream {
+            whole,
+            slices,
+            tracer,
+        }
+    }
+}
+
+impl ChangeStream for DirtyStream<'_> {
+    async fn next(
+        &mut self,
+        syncer: &Syncer,
+        disk: &DiskCtx,
+    ) -> anyhow::Result<Option<Vec<Change>>> {
+        let Some(slice) = self.slices.pop_front() else {
+            return Ok(None);
+        };
+        let batches = syncer.build(disk, &slice, "source").await?;
+        Ok(Some(batches.into_iter().map(Change::Batch).collect()))
+    }
+
+    fn durable(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn put_back(&mut self) {
+        if let Some(tracer) = self.tracer.take() {
+            tracer.put_back(&self.whole);
+        }
+        self.slices.clear();
     }
 }
 
